@@ -1,0 +1,322 @@
+"""Encode K/V vectors of one layer's heads into packed records and decode them back.
+
+Encoding ``x [..., H, D]`` (DESIGN.md section 3): centre, rotate ``z = (x - mean) @ V``,
+optionally divide by a per-vector scale ``s = |z| / sqrt(trace)`` (stored as fp16), quantize each
+coordinate with its own codebook (width ``b_i``, levels scaled to that coordinate), pack the codes
+into records of ``ceil(sum b / 8)`` bytes. An optional QJL sketch appends sign bits of a random
+projection of the leading coordinates' residual (plus an fp16 residual norm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .allocation import uniform_bits, waterfill
+from .calibration import KVStats
+from .codebook import MAX_BITS, fit_lloyd, gaussian_levels, quantize
+from .packing import RecordLayout
+from .rotation import random_orthogonal, randomized_hadamard
+
+ROTATIONS = ("spectral", "random", "hadamard", "identity")
+ALLOCATIONS = ("waterfill", "uniform")
+CODEBOOKS = ("gaussian", "fitted")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """How to encode one kind of vector.
+
+    bits: average bits per coordinate (fractional allowed; the total is ``round(bits * D)``).
+    min_bits / max_bits: bounds on any coordinate's width (0 drops a coordinate).
+    rotation: ``spectral`` (calibrated eigenbasis), ``random`` (Haar orthogonal), ``hadamard``
+        (randomized Hadamard) or ``identity``.
+    allocation: ``waterfill`` (by per-coordinate variance) or ``uniform``.
+    codebook: ``gaussian`` (Lloyd-Max for a normal, scaled per coordinate) or ``fitted`` (Lloyd
+        fit to the calibration's sample reservoir).
+    center: subtract the calibrated mean first.
+    scale: store a per-vector fp16 scale and quantize ``z / s``.
+    qjl_dims: if > 0, a 1-bit QJL sketch of the residual of that many leading coordinates.
+    seed: seed for random rotations and the QJL projection.
+    """
+
+    bits: float = 4.0
+    min_bits: int = 0
+    max_bits: int = MAX_BITS
+    rotation: str = "spectral"
+    allocation: str = "waterfill"
+    codebook: str = "gaussian"
+    center: bool = True
+    scale: bool = True
+    qjl_dims: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, allowed in (("rotation", ROTATIONS), ("allocation", ALLOCATIONS), ("codebook", CODEBOOKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
+            raise TypeError(f"bits must be a finite number, got {self.bits!r}")
+        if not (0 <= self.min_bits <= self.max_bits <= MAX_BITS):
+            raise ValueError(f"need 0 <= min_bits <= max_bits <= {MAX_BITS}, got {self.min_bits}, {self.max_bits}")
+        if not self.min_bits <= self.bits <= self.max_bits:
+            raise ValueError(f"bits={self.bits} is outside [min_bits, max_bits] = [{self.min_bits}, {self.max_bits}]")
+        if self.qjl_dims < 0:
+            raise ValueError(f"qjl_dims must be >= 0, got {self.qjl_dims}")
+
+    @classmethod
+    def from_dict(cls, options: dict) -> QuantizerConfig:
+        """Build from a dict, rejecting unknown keys with a ``ValueError`` that lists the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(options) - names
+        if unknown:
+            raise ValueError(f"unknown quantizer option(s) {sorted(unknown)}; valid options are {sorted(names)}")
+        return cls(**options)
+
+    def with_(self, **changes) -> QuantizerConfig:
+        return replace(self, **changes)
+
+
+@dataclass
+class Encoded:
+    """Encoded vectors: ``records`` uint8 ``[..., H, R]``, per-vector ``scales`` fp16 ``[..., H]``
+    (None without scaling) and QJL residual norms fp16 ``[..., H]`` (None without QJL)."""
+
+    records: torch.Tensor
+    scales: torch.Tensor | None = None
+    qjl_norms: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.records, self.scales, self.qjl_norms) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class Quantizer:
+    """Encoder/decoder for vectors ``[..., H, D]`` of ``H`` heads (one layer, one kind).
+
+    Holds per head: ``basis [H, D, D]`` (columns are the axes), ``mean [H, D]``, ``widths [H, D]``
+    (every head the same total), padded codebook ``levels [H, D, K]``; ``trace [H]`` normalizes
+    the per-vector scale. ``head(h)`` gives a single-head quantizer.
+    """
+
+    def __init__(
+        self,
+        basis: torch.Tensor,
+        mean: torch.Tensor,
+        widths: torch.Tensor,
+        levels: torch.Tensor,
+        trace: torch.Tensor,
+        config: QuantizerConfig,
+        qjl_matrix: torch.Tensor | None = None,
+    ):
+        h, d = mean.shape
+        if basis.shape != (h, d, d) or widths.shape != (h, d) or levels.shape[:2] != (h, d) or trace.shape != (h,):
+            raise ValueError("basis, mean, widths, levels and trace disagree on heads/head_dim")
+        self.config = config
+        self.heads, self.dim = h, d
+        self.basis = basis.float().contiguous()
+        self.mean = mean.float().contiguous() if config.center else torch.zeros(h, d)
+        self.widths = widths.to(torch.int64)
+        self.levels = levels.float().contiguous()
+        # Boundaries between a coordinate's own levels; +inf past its last level, so codes never
+        # exceed 2**b - 1.
+        k = levels.shape[-1]
+        mids = 0.5 * (self.levels[..., 1:] + self.levels[..., :-1])
+        valid = torch.arange(k - 1) < (2**self.widths - 1)[..., None]
+        self.boundaries = torch.where(valid, mids, torch.full_like(mids, math.inf)).contiguous()
+        self.trace = trace.float()
+        self.qjl_matrix = qjl_matrix.float() if qjl_matrix is not None else None
+        qjl = config.qjl_dims
+        stream = self.widths if not qjl else torch.cat([self.widths, torch.ones(h, qjl, dtype=torch.int64)], -1)
+        self.layout = RecordLayout(stream)
+
+    # ------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_stats(cls, stats: KVStats, config: QuantizerConfig, seed_offset: int = 0) -> Quantizer:
+        """Build from calibration statistics: choose the basis, allocate bits, scale codebooks."""
+        h, d = stats.heads, stats.dim
+        if config.qjl_dims > d:
+            raise ValueError(f"qjl_dims={config.qjl_dims} exceeds head_dim {d}")
+        lam, vecs = stats.eigenvalues.double(), stats.eigenvectors.double()
+        cov = vecs @ torch.diag_embed(lam) @ vecs.transpose(-1, -2)
+        # Salted so the rotation is unrelated to other streams seeded with small integers.
+        gen = torch.Generator().manual_seed(0x5EC7A1 + config.seed * 1_000_003 + seed_offset)
+        if config.rotation == "spectral":
+            basis = vecs
+        elif config.rotation == "random":
+            basis = torch.stack([random_orthogonal(d, gen) for _ in range(h)])
+        elif config.rotation == "hadamard":
+            basis = torch.stack([randomized_hadamard(d, gen) for _ in range(h)])
+        else:
+            basis = torch.eye(d, dtype=torch.float64).expand(h, d, d)
+        variances = torch.einsum("hji,hjk,hki->hi", basis, cov, basis).clamp_min(0)
+        if config.allocation == "waterfill":
+            widths = waterfill(variances, config.bits, config.min_bits, config.max_bits)
+        else:
+            widths = uniform_bits(d, config.bits, config.min_bits, config.max_bits).expand(h, d)
+        trace = lam.sum(-1)
+        qjl = None
+        if config.qjl_dims:
+            qjl = torch.randn(h, config.qjl_dims, config.qjl_dims, generator=gen, dtype=torch.float64)
+        if config.codebook == "gaussian":
+            levels = _gaussian_table(widths, variances.sqrt())
+            return cls(basis, stats.mean, widths, levels, trace, config, qjl)
+        if stats.samples is None or stats.samples.shape[0] < 2:
+            raise ValueError(
+                "codebook='fitted' needs calibration samples: calibrate with samples_per_layer > 0 "
+                "(or use codebook='gaussian')"
+            )
+        unit = cls(basis, stats.mean, widths, _gaussian_table(widths, torch.ones_like(variances)), trace, config, qjl)
+        levels = _fitted_table(widths, unit.normalized(stats.samples))
+        return cls(basis, stats.mean, widths, levels, trace, config, qjl)
+
+    def head(self, h: int) -> Quantizer:
+        """The quantizer of head ``h`` alone (inputs ``[..., 1, D]``)."""
+        sl = slice(h, h + 1)
+        qjl = self.qjl_matrix[sl] if self.qjl_matrix is not None else None
+        return Quantizer(
+            self.basis[sl], self.mean[sl], self.widths[sl], self.levels[sl], self.trace[sl], self.config, qjl
+        )
+
+    # -------------------------------------------------------------------------------- properties
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one vector's packed record (codes and QJL bits)."""
+        return self.layout.nbytes
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Record plus the fp16 side values (scale, QJL norm) stored per vector."""
+        return self.record_bytes + 2 * int(self.config.scale) + 2 * int(self.config.qjl_dims > 0)
+
+    def nbytes(self) -> int:
+        """Bytes of this quantizer's own tables (basis, mean, levels, boundaries)."""
+        tabs = [self.basis, self.mean, self.levels, self.boundaries, self.trace]
+        if self.qjl_matrix is not None:
+            tabs.append(self.qjl_matrix)
+        return sum(t.numel() * t.element_size() for t in tabs)
+
+    def to(self, device: torch.device | str) -> Quantizer:
+        """A copy whose tables live on ``device``."""
+        out = object.__new__(Quantizer)
+        out.__dict__.update(self.__dict__)
+        for name in ("basis", "mean", "levels", "boundaries", "trace", "qjl_matrix"):
+            t = getattr(self, name)
+            setattr(out, name, t.to(device) if t is not None else None)
+        return out
+
+    # ---------------------------------------------------------------------------------- encoding
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"expected a floating tensor, got {x.dtype}")
+        if x.dim() < 2 or x.shape[-1] != self.dim or x.shape[-2] != self.heads:
+            raise ValueError(
+                f"expected vectors [..., {self.heads}, {self.dim}] (heads, head_dim), got {tuple(x.shape)}"
+            )
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Centred, rotated coordinates ``z [..., H, D]`` (float32)."""
+        self._check(x)
+        return torch.einsum("...hd,hde->...he", x.float() - self.mean.to(x.device), self.basis.to(x.device))
+
+    def _scale_of(self, z: torch.Tensor) -> torch.Tensor:
+        """fp16 per-vector scale ``|z| / sqrt(trace)`` (``trace`` = 0 falls back to ``|z|``)."""
+        norm = torch.linalg.vector_norm(z, dim=-1)
+        trace = self.trace.to(z.device)
+        ref = torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt()
+        return (norm / ref).to(torch.float16)
+
+    def _normalize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(z / s, s)`` with the fp16 per-vector scale ``s`` (``(z, None)`` without scaling)."""
+        if not self.config.scale:
+            return z, None
+        scales = self._scale_of(z)
+        s = scales.float()[..., None]
+        return torch.where(s > 0, z / s.clamp_min(1e-30), torch.zeros_like(z)), scales
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The coordinates that get quantized: rotated, then divided by the stored scale if any."""
+        return self._normalize(self.rotate(x))[0]
+
+    def _codes(self, zn: torch.Tensor) -> torch.Tensor:
+        lead = zn.shape[:-2]
+        flat = zn.reshape(-1, self.heads, self.dim).permute(1, 2, 0)  # [H, D, N]
+        codes = quantize(flat, self.boundaries.to(zn.device))
+        return codes.permute(2, 0, 1).reshape(*lead, self.heads, self.dim)
+
+    def _levels_of(self, codes: torch.Tensor) -> torch.Tensor:
+        levels = self.levels.to(codes.device)
+        lead = codes.shape[:-2]
+        table = levels.expand(*lead, *levels.shape)
+        return torch.gather(table, -1, codes[..., None]).squeeze(-1)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """Encode ``x [..., H, D]`` into packed records (and fp16 side values)."""
+        zn, scales = self._normalize(self.rotate(x))
+        codes = self._codes(zn)
+        qjl_norms = None
+        if self.config.qjl_dims:
+            k = self.config.qjl_dims
+            resid = (zn - self._levels_of(codes))[..., :k]
+            proj = torch.einsum("...hk,hjk->...hj", resid, self.qjl_matrix.to(resid.device))
+            codes = torch.cat([codes, (proj >= 0).to(torch.int64)], -1)
+            qjl_norms = torch.linalg.vector_norm(resid, dim=-1).to(torch.float16)
+        return Encoded(self.layout.pack(codes), scales, qjl_norms)
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """Reconstruct ``x_hat [..., H, D]`` (float32) from :meth:`encode`'s output."""
+        z = self.decode_rotated(enc)
+        return torch.einsum("...he,hde->...hd", z, self.basis.to(z.device)) + self.mean.to(z.device)
+
+    def decode_rotated(self, enc: Encoded) -> torch.Tensor:
+        """Reconstructed coordinates in the rotated basis, scale applied, ``[..., H, D]`` float32."""
+        if enc.records.shape[-2:] != (self.heads, self.record_bytes):
+            raise ValueError(
+                f"records of shape {tuple(enc.records.shape)} do not match this quantizer "
+                f"([..., {self.heads}, {self.record_bytes}])"
+            )
+        codes = self.layout.unpack(enc.records)
+        z = self._levels_of(codes[..., : self.dim])
+        if self.config.qjl_dims:
+            k = self.config.qjl_dims
+            signs = codes[..., self.dim:].float() * 2 - 1
+            est = torch.einsum("...hj,hjk->...hk", signs, self.qjl_matrix.to(z.device))
+            z = torch.cat([z[..., :k] + est * (math.sqrt(math.pi / 2) / k) * enc.qjl_norms.float()[..., None],
+                           z[..., k:]], -1)
+        if enc.scales is not None:
+            z = z * enc.scales.float()[..., None]
+        return z
+
+
+def _gaussian_table(widths: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate Lloyd-Max Gaussian levels scaled by ``sigma``, padded (by repeating the top
+    level) to the widest codebook: ``[H, D, 2**max(widths)]``."""
+    k = 2 ** int(widths.max())
+    table = torch.zeros(*widths.shape, k, dtype=torch.float64)
+    for b in widths.unique().tolist():
+        lv = gaussian_levels(b)
+        padded = torch.cat([lv, lv[-1:].expand(k - lv.numel())])
+        table[widths == b] = padded
+    return table * sigma[..., None]
+
+
+def _fitted_table(widths: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Lloyd levels fitted per coordinate to ``samples [N, H, D]`` (normalized coordinates)."""
+    k = 2 ** int(widths.max())
+    table = torch.zeros(*widths.shape, k, dtype=torch.float64)
+    per_coord = samples.permute(1, 2, 0).double()  # [H, D, N]
+    for b in widths.unique().tolist():
+        mask = widths == b
+        lv = fit_lloyd(per_coord[mask], b)
+        table[mask] = torch.cat([lv, lv[:, -1:].expand(-1, k - lv.shape[1])], -1)
+    return table

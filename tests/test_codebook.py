@@ -1,0 +1,79 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spectralquant.codebook import boundaries_of, fit_lloyd, gaussian_distortion, gaussian_levels, quantize
+
+# Max (1960), Table I: mean squared error of the optimum quantizer for a unit normal.
+PUBLISHED_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_gaussian_lloyd_max_matches_published_distortion(bits):
+    assert gaussian_distortion(bits) == pytest.approx(PUBLISHED_MSE[bits], rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", range(0, 9))
+def test_gaussian_levels_are_symmetric_ascending_centroids(bits):
+    y = gaussian_levels(bits)
+    assert y.numel() == 2**bits
+    assert torch.allclose(y, -y.flip(0), atol=1e-9)
+    assert (y[1:] > y[:-1]).all()
+    if bits:
+        # Lloyd-Max fixed point: each level is the conditional mean of its cell.
+        inf = torch.tensor([float("inf")], dtype=torch.float64)
+        t = torch.cat([-inf, boundaries_of(y), inf])
+        pdf = torch.exp(-0.5 * t.clamp(-40, 40) ** 2) / (2 * torch.pi) ** 0.5
+        cdf = torch.special.ndtr(t)
+        centroid = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1])
+        assert torch.allclose(centroid, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", range(1, 7))
+def test_monte_carlo_mse_matches_distortion(bits):
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    y = gaussian_levels(bits)
+    codes = quantize(x, boundaries_of(y))
+    mse = float(((y[codes] - x) ** 2).mean())
+    assert mse == pytest.approx(gaussian_distortion(bits), rel=0.03)
+
+
+def test_distortion_halves_in_db_per_bit():
+    d = [gaussian_distortion(b) for b in range(1, 9)]
+    assert all(b < a / 3 for a, b in zip(d, d[1:]))
+
+
+@given(st.integers(1, 3), st.integers(0, 2**31))
+def test_fit_lloyd_on_gaussian_samples_approaches_lloyd_max(bits, seed):
+    x = torch.randn(2, 40_000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[1] *= 5.0
+    levels = fit_lloyd(x, bits)
+    assert levels.shape == (2, 2**bits)
+    assert (levels[:, 1:] >= levels[:, :-1]).all()
+    for row, sigma in ((0, 1.0), (1, 5.0)):
+        codes = quantize(x[row], boundaries_of(levels[row]))
+        mse = float(((levels[row][codes] - x[row]) ** 2).mean()) / sigma**2
+        assert mse <= gaussian_distortion(bits) * 1.03
+
+
+def test_fit_lloyd_beats_gaussian_codebook_on_heavy_tails():
+    g = torch.Generator().manual_seed(0)
+    x = torch.distributions.StudentT(3.0).sample((50_000,)).double()
+    x = x / x.std()
+    fitted = fit_lloyd(x, 3)
+    gauss = gaussian_levels(3)
+    mse = lambda lv: float(((lv[quantize(x, boundaries_of(lv))] - x) ** 2).mean())  # noqa: E731
+    assert mse(fitted) < 0.8 * mse(gauss)
+    del g
+
+
+def test_fit_lloyd_errors():
+    with pytest.raises(ValueError):
+        fit_lloyd(torch.empty(0), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_lloyd(torch.tensor([1.0, float("nan")]), 1)
+    with pytest.raises(ValueError):
+        gaussian_levels(9)
+    with pytest.raises(TypeError):
+        gaussian_levels(2.0)

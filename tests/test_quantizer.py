@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spectralquant.codebook import gaussian_distortion
+from spectralquant.quantizer import Quantizer, QuantizerConfig
+from spectralquant.synthetic import anisotropic_gaussian as anisotropic
+
+
+def mse(q: Quantizer, x: torch.Tensor) -> float:
+    return float(((q.decode(q.encode(x)) - x) ** 2).sum(-1).mean())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_per_coordinate_error_is_lloyd_max_distortion_times_eigenvalue(bits):
+    x, stats = anisotropic(40_000, 2, 32, decades=2)
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=bits, scale=False))
+    z = q.rotate(x)
+    err = ((q.decode_rotated(q.encode(x)) - z) ** 2).mean(0)  # [H, D]
+    expected = torch.tensor(
+        [[gaussian_distortion(int(b)) for b in row] for row in q.widths]
+    ) * stats.eigenvalues
+    # 40k samples: per-coordinate MSE estimates are within a few percent; float32 adds a floor.
+    assert (err <= expected * 1.08 + 1e-6).all(), (err / expected).max()
+    assert (err >= expected * 0.92 - 1e-6).all(), (err / expected).min()
+
+
+def test_total_error_falls_as_budget_rises():
+    x, stats = anisotropic(5_000, 1, 64)
+    errors = [mse(Quantizer.from_stats(stats, QuantizerConfig(bits=b)), x) for b in range(1, 9)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_spectral_rotation_beats_random_rotation_on_anisotropic_data(bits):
+    x, stats = anisotropic(5_000, 2, 64, decades=3)
+    spectral = mse(Quantizer.from_stats(stats, QuantizerConfig(bits=bits)), x)
+    random = mse(Quantizer.from_stats(stats, QuantizerConfig(bits=bits, rotation="random", allocation="uniform")), x)
+    assert spectral < 0.5 * random, (spectral, random)
+
+
+def test_waterfilling_beats_uniform_bits_in_the_eigenbasis():
+    x, stats = anisotropic(5_000, 1, 64, decades=3)
+    wf = mse(Quantizer.from_stats(stats, QuantizerConfig(bits=3)), x)
+    uni = mse(Quantizer.from_stats(stats, QuantizerConfig(bits=3, allocation="uniform")), x)
+    assert wf < 0.5 * uni
+
+
+@pytest.mark.parametrize("rotation", ["spectral", "random", "hadamard", "identity"])
+@pytest.mark.parametrize("codebook", ["gaussian", "fitted"])
+def test_every_configuration_round_trips_with_bounded_error(rotation, codebook):
+    x, stats = anisotropic(3_000, 2, 48, decades=1)
+    stats.samples = x[:1000]
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=4, rotation=rotation, codebook=codebook))
+    enc = q.encode(x)
+    assert enc.records.shape == (3_000, 2, q.record_bytes) and q.record_bytes == 4 * 48 // 8
+    assert enc.scales.dtype == torch.float16
+    rel = mse(q, x) / float(((x - stats.mean) ** 2).sum(-1).mean())
+    assert rel < 0.03
+
+
+@given(st.floats(1.0, 6.0), st.integers(0, 1000))
+def test_encoding_is_deterministic_and_quantizers_rebuild_identically(bits, seed):
+    bits = round(bits * 2) / 2
+    x, stats = anisotropic(64, 2, 16, seed=seed)
+    cfg = QuantizerConfig(bits=bits, rotation="random", seed=seed)
+    a, b = Quantizer.from_stats(stats, cfg), Quantizer.from_stats(stats, cfg)
+    ea, eb = a.encode(x), b.encode(x)
+    assert torch.equal(ea.records, eb.records) and torch.equal(ea.scales, eb.scales)
+    assert torch.equal(a.encode(x).records, ea.records)
+
+
+def test_per_vector_scale_makes_codes_scale_invariant():
+    x, stats = anisotropic(500, 1, 32)
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=3, center=False))
+    e1, e2 = q.encode(x), q.encode(4 * x)
+    assert torch.equal(e1.records, e2.records)
+    assert torch.equal(e2.scales, (4 * e1.scales.float()).half())
+    assert torch.allclose(q.decode(e2), 4 * q.decode(e1), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_bits_decode_to_the_mean():
+    x, stats = anisotropic(100, 1, 8)
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=0, scale=False))
+    assert q.record_bytes == 0
+    assert torch.allclose(q.decode(q.encode(x)), stats.mean.expand_as(x), atol=1e-6)
+
+
+def test_qjl_sketch_adds_its_bits_and_is_unbiased_for_inner_products():
+    x, stats = anisotropic(1, 1, 32, decades=1)
+    base = QuantizerConfig(bits=2, scale=False, qjl_dims=16)
+    q0 = Quantizer.from_stats(stats, base.with_(qjl_dims=0))
+    assert Quantizer.from_stats(stats, base).record_bytes == q0.record_bytes + 2
+    probe = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    z = q0.rotate(x)[0, 0]
+    z0 = q0.decode_rotated(q0.encode(x))[0, 0]
+    true_resid = float(probe[:16] @ (z - z0)[:16])
+    # Averaged over sketch matrices (seeds), the QJL estimate of <probe, residual> is unbiased.
+    estimates = []
+    for seed in range(300):
+        q = Quantizer.from_stats(stats, base.with_(seed=seed))
+        zq = q.decode_rotated(q.encode(x))[0, 0]
+        estimates.append(float(probe[:16] @ (zq - z0)[:16]))
+    est = torch.tensor(estimates)
+    assert abs(float(est.mean()) - true_resid) < 3 * float(est.std()) / math.sqrt(len(est)) + 1e-4
+
+
+def test_single_head_view_matches_the_stacked_quantizer():
+    x, stats = anisotropic(50, 3, 16)
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=3, rotation="random"))
+    full = q.encode(x)
+    one = q.head(1).encode(x[:, 1:2])
+    assert torch.equal(full.records[:, 1:2], one.records)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, stats = anisotropic(10, 2, 16)
+    q = Quantizer.from_stats(stats, QuantizerConfig())
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2, 16\]"):
+        q.encode(torch.zeros(4, 2, 15))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2, 16\]"):
+        q.encode(torch.zeros(4, 3, 16))
+    with pytest.raises(TypeError, match="floating"):
+        q.encode(torch.zeros(4, 2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown quantizer option"):
+        QuantizerConfig.from_dict({"bitz": 3})
+    with pytest.raises(ValueError, match="unknown rotation"):
+        QuantizerConfig(rotation="fourier")
+    with pytest.raises(ValueError, match="outside"):
+        QuantizerConfig(bits=9)
+    with pytest.raises(ValueError, match="outside"):
+        QuantizerConfig(bits=-1)
+    with pytest.raises(TypeError):
+        QuantizerConfig(bits=float("nan"))
+    with pytest.raises(ValueError, match="qjl_dims"):
+        Quantizer.from_stats(stats, QuantizerConfig(qjl_dims=17))
+    with pytest.raises(ValueError, match="samples"):
+        Quantizer.from_stats(stats, QuantizerConfig(codebook="fitted"))
+    with pytest.raises(ValueError, match="do not match"):
+        q.decode(q.head(0).encode(x[:, :1]))
