@@ -63,6 +63,8 @@ class ModelSignature:
 
     def mismatch(self, other: ModelSignature) -> str | None:
         """A sentence naming the first difference from ``other`` (the model), or None if compatible."""
+        if self.model_type and other.model_type and self.model_type != other.model_type:
+            return f"calibration is for a {self.model_type!r} model but this model is {other.model_type!r}"
         if self.num_layers != other.num_layers:
             return f"calibration has {self.num_layers} layers but the model has {other.num_layers}"
         for layer, (h, d, oh, od) in enumerate(zip(self.kv_heads, self.head_dims, other.kv_heads, other.head_dims)):

@@ -99,36 +99,38 @@ class Encoded:
 class Quantizer:
     """Encoder/decoder for vectors ``[..., H, D]`` of ``H`` heads (one layer, one kind).
 
-    Holds per head: ``basis [H, D, D]`` (columns are the axes), ``mean [H, D]``, ``widths [H, D]``
-    (every head the same total), padded codebook ``levels [H, D, K]``; ``trace [H]`` normalizes
-    the per-vector scale. ``head(h)`` gives a single-head quantizer.
+    Per head it holds ``basis [H, D, D]`` (columns are the axes), ``mean [H, D]``, per-coordinate
+    standard deviations ``sigma [H, D]`` and widths ``widths [H, D]`` (every head the same total),
+    and small unit-variance codebooks ``unit_levels [H, 9, K]``: row ``b`` holds the ``2**b``
+    levels used by every ``b``-bit coordinate of that head (padded to ``K = 2**max(widths)`` by
+    repeating its top level). Coordinate ``i`` decodes as ``sigma[i] * unit_levels[w_i, code]``.
+    ``trace [H]`` normalizes the per-vector scale. ``head(h)`` gives a single-head quantizer.
     """
 
     def __init__(
         self,
         basis: torch.Tensor,
         mean: torch.Tensor,
+        sigma: torch.Tensor,
         widths: torch.Tensor,
-        levels: torch.Tensor,
+        unit_levels: torch.Tensor,
         trace: torch.Tensor,
         config: QuantizerConfig,
         qjl_matrix: torch.Tensor | None = None,
     ):
         h, d = mean.shape
-        if basis.shape != (h, d, d) or widths.shape != (h, d) or levels.shape[:2] != (h, d) or trace.shape != (h,):
-            raise ValueError("basis, mean, widths, levels and trace disagree on heads/head_dim")
+        if (
+            basis.shape != (h, d, d) or sigma.shape != (h, d) or widths.shape != (h, d)
+            or unit_levels.shape[:2] != (h, MAX_BITS + 1) or trace.shape != (h,)
+        ):
+            raise ValueError("basis, mean, sigma, widths, unit_levels and trace disagree on heads/head_dim")
         self.config = config
         self.heads, self.dim = h, d
         self.basis = basis.float().contiguous()
         self.mean = mean.float().contiguous() if config.center else torch.zeros(h, d)
-        self.widths = widths.to(torch.int64)
-        self.levels = levels.float().contiguous()
-        # Boundaries between a coordinate's own levels; +inf past its last level, so codes never
-        # exceed 2**b - 1.
-        k = levels.shape[-1]
-        mids = 0.5 * (self.levels[..., 1:] + self.levels[..., :-1])
-        valid = torch.arange(k - 1) < (2**self.widths - 1)[..., None]
-        self.boundaries = torch.where(valid, mids, torch.full_like(mids, math.inf)).contiguous()
+        self.sigma = sigma.float().contiguous()
+        self.widths = widths.to(torch.int64).contiguous()
+        self.unit_levels = unit_levels.float().contiguous()
         self.trace = trace.float()
         self.qjl_matrix = qjl_matrix.float() if qjl_matrix is not None else None
         qjl = config.qjl_dims
@@ -139,7 +141,7 @@ class Quantizer:
 
     @classmethod
     def from_stats(cls, stats: KVStats, config: QuantizerConfig, seed_offset: int = 0) -> Quantizer:
-        """Build from calibration statistics: choose the basis, allocate bits, scale codebooks."""
+        """Build from calibration statistics: choose the basis, allocate bits, set the codebooks."""
         h, d = stats.heads, stats.dim
         if config.qjl_dims > d:
             raise ValueError(f"qjl_dims={config.qjl_dims} exceeds head_dim {d}")
@@ -164,24 +166,25 @@ class Quantizer:
         qjl = None
         if config.qjl_dims:
             qjl = torch.randn(h, config.qjl_dims, config.qjl_dims, generator=gen, dtype=torch.float64)
+        gaussian = _gaussian_unit_levels(int(widths.max())).expand(h, -1, -1)
+        quantizer = cls(basis, stats.mean, variances.sqrt(), widths, gaussian, trace, config, qjl)
         if config.codebook == "gaussian":
-            levels = _gaussian_table(widths, variances.sqrt())
-            return cls(basis, stats.mean, widths, levels, trace, config, qjl)
+            return quantizer
         if stats.samples is None or stats.samples.shape[0] < 2:
             raise ValueError(
                 "codebook='fitted' needs calibration samples: calibrate with samples_per_layer > 0 "
                 "(or use codebook='gaussian')"
             )
-        unit = cls(basis, stats.mean, widths, _gaussian_table(widths, torch.ones_like(variances)), trace, config, qjl)
-        levels = _fitted_table(widths, unit.normalized(stats.samples))
-        return cls(basis, stats.mean, widths, levels, trace, config, qjl)
+        quantizer.unit_levels = _fitted_unit_levels(widths, quantizer.unit_coordinates(stats.samples)).float()
+        return quantizer
 
     def head(self, h: int) -> Quantizer:
         """The quantizer of head ``h`` alone (inputs ``[..., 1, D]``)."""
         sl = slice(h, h + 1)
         qjl = self.qjl_matrix[sl] if self.qjl_matrix is not None else None
         return Quantizer(
-            self.basis[sl], self.mean[sl], self.widths[sl], self.levels[sl], self.trace[sl], self.config, qjl
+            self.basis[sl], self.mean[sl], self.sigma[sl], self.widths[sl], self.unit_levels[sl], self.trace[sl],
+            self.config, qjl,
         )
 
     # -------------------------------------------------------------------------------- properties
@@ -197,8 +200,8 @@ class Quantizer:
         return self.record_bytes + 2 * int(self.config.scale) + 2 * int(self.config.qjl_dims > 0)
 
     def nbytes(self) -> int:
-        """Bytes of this quantizer's own tables (basis, mean, levels, boundaries)."""
-        tabs = [self.basis, self.mean, self.levels, self.boundaries, self.trace]
+        """Bytes of this quantizer's own tables (basis, mean, sigma, codebooks)."""
+        tabs = [self.basis, self.mean, self.sigma, self.unit_levels, self.trace]
         if self.qjl_matrix is not None:
             tabs.append(self.qjl_matrix)
         return sum(t.numel() * t.element_size() for t in tabs)
@@ -207,7 +210,7 @@ class Quantizer:
         """A copy whose tables live on ``device``."""
         out = object.__new__(Quantizer)
         out.__dict__.update(self.__dict__)
-        for name in ("basis", "mean", "levels", "boundaries", "trace", "qjl_matrix"):
+        for name in ("basis", "mean", "sigma", "widths", "unit_levels", "trace", "qjl_matrix"):
             t = getattr(self, name)
             setattr(out, name, t.to(device) if t is not None else None)
         return out
@@ -248,17 +251,36 @@ class Quantizer:
         """The coordinates that get quantized: rotated, then divided by the stored scale if any."""
         return self._normalize(self.rotate(x))[0]
 
+    def unit_coordinates(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized coordinates divided by their ``sigma`` (0 where ``sigma`` is 0): what the
+        unit codebooks quantize."""
+        return self._unit(self.normalized(x))
+
+    def _unit(self, zn: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma.to(zn.device)
+        return torch.where(sigma > 0, zn / sigma.clamp_min(1e-30), torch.zeros_like(zn))
+
     def _codes(self, zn: torch.Tensor) -> torch.Tensor:
+        units = self.unit_levels.to(zn.device)
+        heads = torch.arange(self.heads, device=zn.device)[:, None]
+        levels = units[heads, self.widths.to(zn.device)]  # [H, D, K]
+        k = levels.shape[-1]
+        mids = 0.5 * (levels[..., 1:] + levels[..., :-1])
+        # +inf past each coordinate's own top level, so a code never exceeds 2**b - 1.
+        valid = torch.arange(k - 1, device=zn.device) < (2 ** self.widths.to(zn.device) - 1)[..., None]
+        bounds = torch.where(valid, mids, torch.full_like(mids, math.inf))
         lead = zn.shape[:-2]
-        flat = zn.reshape(-1, self.heads, self.dim).permute(1, 2, 0)  # [H, D, N]
-        codes = quantize(flat, self.boundaries.to(zn.device))
+        flat = self._unit(zn).reshape(-1, self.heads, self.dim).permute(1, 2, 0)  # [H, D, N]
+        codes = quantize(flat, bounds)
         return codes.permute(2, 0, 1).reshape(*lead, self.heads, self.dim)
 
     def _levels_of(self, codes: torch.Tensor) -> torch.Tensor:
-        levels = self.levels.to(codes.device)
-        lead = codes.shape[:-2]
-        table = levels.expand(*lead, *levels.shape)
-        return torch.gather(table, -1, codes[..., None]).squeeze(-1)
+        """``sigma_i * unit_levels[w_i, code_i]`` for codes ``[..., H, D]``."""
+        units = self.unit_levels.to(codes.device)
+        k = units.shape[-1]
+        flat_index = self.widths.to(codes.device) * k + codes
+        table = units.reshape(self.heads, -1).expand(*codes.shape[:-2], self.heads, units.shape[1] * k)
+        return torch.gather(table, -1, flat_index) * self.sigma.to(codes.device)
 
     def encode(self, x: torch.Tensor) -> Encoded:
         """Encode ``x [..., H, D]`` into packed records (and fp16 side values)."""
@@ -298,25 +320,35 @@ class Quantizer:
         return z
 
 
-def _gaussian_table(widths: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-coordinate Lloyd-Max Gaussian levels scaled by ``sigma``, padded (by repeating the top
-    level) to the widest codebook: ``[H, D, 2**max(widths)]``."""
-    k = 2 ** int(widths.max())
-    table = torch.zeros(*widths.shape, k, dtype=torch.float64)
-    for b in widths.unique().tolist():
-        lv = gaussian_levels(b)
-        padded = torch.cat([lv, lv[-1:].expand(k - lv.numel())])
-        table[widths == b] = padded
-    return table * sigma[..., None]
+def _padded(levels: torch.Tensor, k: int) -> torch.Tensor:
+    """Levels ``[n]`` padded to ``[k]`` by repeating the top level (so the row stays sorted)."""
+    return torch.cat([levels, levels[-1:].expand(k - levels.numel())])
 
 
-def _fitted_table(widths: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """Lloyd levels fitted per coordinate to ``samples [N, H, D]`` (normalized coordinates)."""
+def _gaussian_unit_levels(max_width: int) -> torch.Tensor:
+    """``[9, 2**max_width]``: row ``b`` holds the ``b``-bit Lloyd-Max Gaussian levels, padded;
+    rows wider than ``max_width`` are unused and left at zero."""
+    k = 2**max_width
+    table = torch.zeros(MAX_BITS + 1, k, dtype=torch.float64)
+    for b in range(max_width + 1):
+        table[b] = _padded(gaussian_levels(b), k)
+    return table
+
+
+def _fitted_unit_levels(widths: torch.Tensor, units: torch.Tensor, max_samples: int = 200_000) -> torch.Tensor:
+    """Per head and width, Lloyd levels fitted to the pooled unit coordinates ``units [N, H, D]`` of
+    every coordinate with that width; widths no coordinate uses keep their Gaussian levels.
+    Returns ``[H, 9, 2**max(widths)]`` (float64)."""
+    h = widths.shape[0]
     k = 2 ** int(widths.max())
-    table = torch.zeros(*widths.shape, k, dtype=torch.float64)
-    per_coord = samples.permute(1, 2, 0).double()  # [H, D, N]
-    for b in widths.unique().tolist():
-        mask = widths == b
-        lv = fit_lloyd(per_coord[mask], b)
-        table[mask] = torch.cat([lv, lv[:, -1:].expand(-1, k - lv.shape[1])], -1)
+    table = _gaussian_unit_levels(int(widths.max())).repeat(h, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    for head in range(h):
+        for b in widths[head].unique().tolist():
+            if b == 0:
+                continue
+            pool = units[:, head, widths[head] == b].reshape(-1).double()
+            if pool.numel() > max_samples:
+                pool = pool[torch.randperm(pool.numel(), generator=g)[:max_samples]]
+            table[head, b] = _padded(fit_lloyd(pool, b), k)
     return table

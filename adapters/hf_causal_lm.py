@@ -1,0 +1,167 @@
+"""Hugging Face decoder-only LMs: Llama, Gemma 2/3, Qwen2, Mistral, Phi-3.
+
+K/V are captured exactly as transformers' cache receives them (post-RoPE, after any key norm),
+per KV head (GQA: never per query head), by running calibration text with a recording cache.
+Compression is installed as a forward pre-hook that hands the model a fresh compressed cache
+whenever it would otherwise start an empty one (plain ``model(...)`` and ``model.generate``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from spectralquant.calibration import Calibration, ModelSignature
+from spectralquant.calibration_builder import CalibrationBuilder
+from spectralquant.corpus import default_calibration_texts
+
+from .base import STATE_ATTR, Adapter, WrapState, register_adapter
+from .hf_attention import capture_queries
+
+
+class _RecordingCache(DynamicCache):
+    """Hands every layer's new K/V (``[B, H, L, D]``) to a builder and stores nothing, so a
+    forward pass sees exactly what a fresh cache would give it."""
+
+    def __init__(self, config, builder: CalibrationBuilder, skip_first: int):
+        super().__init__(config=config)
+        self.builder, self.skip_first = builder, skip_first
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        s = self.skip_first
+        self.builder.add(layer_idx, "key", key_states[:, :, s:].transpose(1, 2))
+        self.builder.add(layer_idx, "value", value_states[:, :, s:].transpose(1, 2))
+        return key_states, value_states
+
+
+@register_adapter
+class HFCausalLMAdapter(Adapter):
+    family = "Hugging Face causal LMs"
+    model_types = ("llama", "gemma3_text", "gemma3", "gemma2", "qwen2", "mistral", "phi3")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        config = getattr(model, "config", None)
+        return isinstance(model, PreTrainedModel) and getattr(config, "model_type", None) in cls.model_types
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config(decoder=True)
+
+    def signature(self) -> ModelSignature:
+        c = self.text_config
+        n = c.num_hidden_layers
+        heads = c.num_key_value_heads or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return ModelSignature(
+            n, [heads] * n, [head_dim] * n, model_type=c.model_type, name=str(self.model.config.name_or_path)
+        )
+
+    def sliding_windows(self) -> list[int | None]:
+        """Per layer, the attention window (``None`` for full attention), as transformers' own
+        DynamicCache would lay the layers out for this config."""
+        layers = DynamicCache(config=self.model.config).layers
+        if len(layers) != self.text_config.num_hidden_layers:
+            raise ValueError(f"transformers built {len(layers)} cache layers for this model; expected one per layer")
+        return [layer.sliding_window if getattr(layer, "is_sliding", False) else None for layer in layers]
+
+    # ------------------------------------------------------------------------------ calibration
+
+    def calibrate(
+        self,
+        tokenizer=None,
+        texts: Iterable[str] | None = None,
+        token_ids: torch.Tensor | None = None,
+        seq_len: int = 1024,
+        max_tokens: int = 8192,
+        skip_first: int = 4,
+        samples_per_layer: int = 0,
+        capture_query: bool = True,
+        progress: bool = True,
+    ) -> Calibration:
+        """Run text through the model, capturing K/V (and queries) per layer and KV head.
+
+        Text comes from ``token_ids [N, L]``, or ``texts`` tokenized with ``tokenizer`` (default:
+        the bundled English corpus), cut into sequences of ``seq_len`` tokens (each starting with
+        BOS when the tokenizer has one) until ``max_tokens``. The first ``skip_first`` positions
+        of each sequence (attention sinks, kept in fp16 anyway) are left out of the statistics.
+        """
+        if token_ids is None:
+            if tokenizer is None:
+                raise ValueError(
+                    "calibrating a language model needs a tokenizer (or token_ids): sq.calibrate(model, tokenizer)"
+                )
+            token_ids = tokenize_for_calibration(
+                tokenizer, default_calibration_texts() if texts is None else texts, seq_len, max_tokens
+            )
+        if token_ids.dim() != 2 or token_ids.shape[1] <= skip_first:
+            raise ValueError(f"token_ids must be [N, L] with L > {skip_first}, got {tuple(token_ids.shape)}")
+        builder = CalibrationBuilder(self.signature(), samples_per_layer=samples_per_layer)
+        device = next(self.model.parameters()).device
+        bar = tqdm(total=token_ids.numel(), desc="calibrating", unit="tok", disable=not progress)
+
+        def on_query(layer: int, q: torch.Tensor) -> None:
+            builder.add_query(layer, q[:, :, skip_first:].transpose(1, 2))
+
+        with torch.inference_mode(), capture_queries(self.model, on_query) if capture_query else nullcontext():
+            for row in token_ids:
+                cache = _RecordingCache(self.model.config, builder, skip_first)
+                self.model(input_ids=row[None].to(device), past_key_values=cache, use_cache=True)
+                bar.update(row.numel())
+        bar.close()
+        info = {"tokens": int(token_ids.numel()), "sequences": int(token_ids.shape[0]), "seq_len": int(token_ids.shape[1])}
+        return builder.build(info)
+
+    # ------------------------------------------------------------------------------- install
+
+    def install(self, state: WrapState) -> None:
+        model = self.model
+
+        def inject_cache(module, args, kwargs):
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(module.config, "use_cache", True)
+            if not use_cache:
+                return None
+            cache = kwargs.get("past_key_values")
+            if cache is None or (isinstance(cache, Cache) and not _is_compressed(cache) and cache.get_seq_length() == 0):
+                cache = state.make_cache()
+                kwargs["past_key_values"] = cache
+            if _is_compressed(cache):
+                cache.set_padding(kwargs.get("attention_mask"))
+                state.last_cache = cache
+            return args, kwargs
+
+        handle = model.register_forward_pre_hook(inject_cache, with_kwargs=True)
+        state.undo.append(handle.remove)
+        setattr(model, STATE_ATTR, state)
+
+
+def _is_compressed(cache) -> bool:
+    return hasattr(cache, "compression_stats")
+
+
+def tokenize_for_calibration(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Token ids ``[N, seq_len]`` cut from ``texts`` (each row starts with BOS if the tokenizer has
+    one), at most ``max_tokens`` in all; raises if the texts give less than one row."""
+    if seq_len < 8:
+        raise ValueError(f"seq_len must be at least 8, got {seq_len}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = seq_len - (bos is not None)
+    rows = []
+    budget = max(1, max_tokens // seq_len)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - body + 1, body):
+            chunk = ids[start : start + body]
+            rows.append(([bos] if bos is not None else []) + chunk)
+            if len(rows) >= budget:
+                return torch.tensor(rows)
+    if not rows:
+        raise ValueError(f"the calibration texts give fewer than seq_len={seq_len} tokens; pass more text")
+    return torch.tensor(rows)

@@ -1,0 +1,327 @@
+"""A ``transformers`` Cache whose layers hold compressed K/V: packed uint8 records plus an fp16
+window of recent tokens and fp16 sink tokens.
+
+Update contract (one layer): ``update(k, v)`` with new states ``[B, H, n, D]`` returns the
+layer's full key/value states for this forward (``[B, H, held + n, D]``, compressed history
+dequantized into a transient tensor, recent tokens exact), then ages tokens beyond the fp16
+window into records. Between calls nothing but records, scales, the window and sinks is held.
+Sliding-window layers keep only their window (``sliding_window - 1`` tokens), as transformers'
+own ``DynamicSlidingWindowLayer`` does, with the same mask sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from spectralquant.codec import LayerCodec
+from spectralquant.config import CompressionConfig
+from spectralquant.quantizer import Encoded
+
+from .encoded_store import EncodedStore
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's compressed cache. ``codec=None`` keeps every token in fp16 (an uncompressed
+    layer, still counted the same way)."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, codec: LayerCodec | None, config: CompressionConfig, sliding_window: int | None = None):
+        super().__init__()
+        self.codec = codec
+        self.config = config
+        self.window = config.window
+        self.chunk = config.chunk
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        # Sinks matter for full attention; a sliding layer forgets them anyway.
+        self.num_sinks = 0 if self.is_sliding or codec is None else config.sinks
+        self.cumulative_length = 0
+        self.k_store, self.v_store = EncodedStore(), EncodedStore()
+        self.sink_keys = self.sink_values = None
+        self.sink_pos: torch.Tensor | None = None  # [B] first real (non-padding) position per row
+        self.pad_lengths: torch.Tensor | None = None  # set by the cache before the first update
+
+    # ------------------------------------------------------------------------------------- state
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store_dtype = torch.bfloat16 if key_states.dtype == torch.bfloat16 else torch.float16
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty(b, h, 0, d, dtype=self.store_dtype)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1], dtype=self.store_dtype)
+        if self.codec is not None:
+            if (self.codec.key.heads, self.codec.key.dim) != (h, d):
+                raise ValueError(
+                    f"calibration has {self.codec.key.heads} KV heads of dim {self.codec.key.dim} but this layer "
+                    f"receives {h} heads of dim {d}: calibrate this model first"
+                )
+            self.codec = self.codec.to(self.device)
+        pad = self.pad_lengths
+        self.sink_pos = pad.to(self.device) if pad is not None else torch.zeros(b, dtype=torch.long, device=self.device)
+        if self.num_sinks:
+            self.sink_keys = self.keys.new_zeros(b, h, self.num_sinks, d)
+            self.sink_values = self.values.new_zeros(b, h, self.num_sinks, value_states.shape[-1])
+        self.is_initialized = True
+
+    @property
+    def held(self) -> int:
+        """Tokens this layer holds (compressed plus window)."""
+        return 0 if not self.is_initialized else self.k_store.length + self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.is_sliding:
+            return self.cumulative_length + query_length, 0
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        if self.cumulative_length >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, kv_offset
+        return self.cumulative_length + query_length, kv_offset
+
+    # ------------------------------------------------------------------------------------ update
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.cumulative_length
+        self._capture_sinks(key_states, value_states, start)
+        out_k = self._history(self.k_store, self.keys, self.sink_keys, key_states, "key")
+        out_v = self._history(self.v_store, self.values, self.sink_values, value_states, "value")
+        self.keys = torch.cat([self.keys, key_states.to(self.store_dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.store_dtype)], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        self._age_out()
+        return out_k, out_v
+
+    def _history(self, store, window, sinks, new, kind: str) -> torch.Tensor:
+        """Full states for this forward: dequantized records (sinks restored), window, new tokens."""
+        parts = []
+        if store.length:
+            quantizer = getattr(self.codec, kind)
+            old = quantizer.decode(store.view()).transpose(1, 2).to(new.dtype)
+            if self.num_sinks:
+                old = self._restore_sinks(old, sinks)
+            parts.append(old)
+        parts += [window.to(new.dtype), new]
+        return torch.cat(parts, dim=-2)
+
+    def _sink_positions(self) -> torch.Tensor:
+        return self.sink_pos[:, None] + torch.arange(self.num_sinks, device=self.device)
+
+    def _capture_sinks(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        if not self.num_sinks:
+            return
+        local = self._sink_positions() - start  # [B, S] index into the new tokens
+        rows, slots = ((local >= 0) & (local < k.shape[-2])).nonzero(as_tuple=True)
+        if rows.numel():
+            idx = local[rows, slots]
+            self.sink_keys[rows, :, slots] = k[rows, :, idx].to(self.store_dtype)
+            self.sink_values[rows, :, slots] = v[rows, :, idx].to(self.store_dtype)
+
+    def _restore_sinks(self, old: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+        """Put the exact sink tokens back over their decoded records (full layers start at position 0)."""
+        pos = self._sink_positions()
+        rows, slots = (pos < old.shape[-2]).nonzero(as_tuple=True)
+        if rows.numel():
+            old[rows, :, pos[rows, slots]] = sinks[rows, :, slots].to(old.dtype)
+        return old
+
+    def _age_out(self) -> None:
+        """Compress window tokens beyond ``window`` (once ``chunk`` have piled up); trim sliding layers."""
+        n_win = self.keys.shape[-2]
+        if self.codec is not None and n_win >= self.window + self.chunk:
+            move = n_win - self.window
+            self.k_store.append(self.codec.key.encode(self.keys[:, :, :move].transpose(1, 2)))
+            self.v_store.append(self.codec.value.encode(self.values[:, :, :move].transpose(1, 2)))
+            # Copies, so the aged-out fp16 rows are really freed.
+            self.keys = self.keys[:, :, move:].clone()
+            self.values = self.values[:, :, move:].clone()
+        if self.is_sliding:
+            excess = self.held - (self.sliding_window - 1)
+            if excess > 0:
+                from_store = min(excess, self.k_store.length)
+                self.k_store.drop_front(from_store)
+                self.v_store.drop_front(from_store)
+                if excess > from_store:
+                    self.keys = self.keys[:, :, excess - from_store :].clone()
+                    self.values = self.values[:, :, excess - from_store :].clone()
+
+    # ------------------------------------------------------------------------- batch and length ops
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (negative), or keep the first
+        ``tokens_to_remove`` (positive, transformers' older convention)."""
+        if not self.is_initialized:
+            return
+        remove = self.cumulative_length - tokens_to_remove if tokens_to_remove > 0 else -tokens_to_remove
+        if remove <= 0:
+            return
+        if remove > self.held:
+            raise ValueError(
+                f"cannot crop {remove} tokens: this layer holds only the last {self.held} "
+                "(a sliding-window layer has dropped older ones)"
+            )
+        n_win = self.keys.shape[-2]
+        if remove <= n_win:
+            self.keys, self.values = self.keys[:, :, : n_win - remove], self.values[:, :, : n_win - remove]
+        else:
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+            self.k_store.truncate(self.k_store.length - (remove - n_win))
+            self.v_store.truncate(self.v_store.length - (remove - n_win))
+        self.cumulative_length -= remove
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_pos = fn(self.sink_pos)
+        if self.num_sinks:
+            self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.k_store.map_batch(fn)
+        self.v_store.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reset(self) -> None:
+        self.__init__(self.codec, self.config, self.sliding_window)
+
+    def offload(self):
+        raise NotImplementedError("a SpectralQuant cache cannot be offloaded; it is already compressed")
+
+    def prefetch(self):
+        raise NotImplementedError("a SpectralQuant cache cannot be offloaded; it is already compressed")
+
+    # ------------------------------------------------------------------------------- accounting
+
+    def byte_counts(self) -> dict[str, int]:
+        """Bytes of every tensor this layer holds, by role, and the fp16 bytes of the same K/V."""
+        if not self.is_initialized:
+            return dict(records=0, scales=0, window=0, sinks=0, index=0, fp16=0)
+        k, v = self.k_store.nbytes(), self.v_store.nbytes()
+        b, h, _, d = self.keys.shape
+        return dict(
+            records=k[0] + v[0],
+            scales=k[1] + k[2] + v[1] + v[2],
+            window=_nbytes(self.keys) + _nbytes(self.values),
+            sinks=_nbytes(self.sink_keys) + _nbytes(self.sink_values),
+            index=_nbytes(self.sink_pos),
+            fp16=2 * b * h * self.held * d * 2,
+        )
+
+    def compressed(self) -> tuple[Encoded, Encoded]:
+        """The compressed history as ``[B, T, H, ...]`` views (keys, values)."""
+        return self.k_store.view(), self.v_store.view()
+
+
+@dataclass
+class CompressionStats:
+    """Bytes held by a compressed cache, by role, against the fp16 bytes of the same K/V.
+
+    ``ratio = fp16_bytes / held_bytes``; ``calibration_bytes`` (bases, codebooks on the device) is
+    a fixed per-model cost, reported separately and not in ``held_bytes``.
+    """
+
+    tokens: int
+    records: int
+    scales: int
+    window: int
+    sinks: int
+    index: int
+    fp16_bytes: int
+    calibration_bytes: int
+    per_layer: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.records + self.scales + self.window + self.sinks + self.index
+
+    @property
+    def ratio(self) -> float:
+        return self.fp16_bytes / self.held_bytes if self.held_bytes else float("nan")
+
+    def summary(self) -> str:
+        mib = 1 << 20
+        return (
+            f"{self.tokens} tokens: {self.held_bytes / mib:.2f} MiB held (records {self.records / mib:.2f}, "
+            f"scales {self.scales / mib:.2f}, fp16 window {self.window / mib:.2f}, sinks {self.sinks / mib:.3f}) "
+            f"vs {self.fp16_bytes / mib:.2f} MiB fp16 -> {self.ratio:.2f}x; "
+            f"calibration tables {self.calibration_bytes / mib:.2f} MiB"
+        )
+
+
+class SpectralQuantCache(Cache):
+    """A ``transformers`` Cache of :class:`CompressedLayer` s, one per decoder layer.
+
+    ``codecs[i]`` compresses layer ``i`` (``None``: fp16); ``sliding_windows[i]`` is that layer's
+    attention window or ``None`` for full attention.
+    """
+
+    def __init__(
+        self,
+        codecs: list[LayerCodec | None],
+        config: CompressionConfig,
+        sliding_windows: list[int | None],
+    ):
+        if len(codecs) != len(sliding_windows):
+            raise ValueError("one codec and one sliding-window entry per layer")
+        layers = [CompressedLayer(c, config, w) for c, w in zip(codecs, sliding_windows)]
+        super().__init__(layers=layers)
+        self.config = config
+        self.calibration_bytes = sum(c.nbytes() for c in codecs if c is not None)
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Tell an empty cache where each row's real tokens start (left padding), from a 2D mask
+        ``[B, L]``; sink tokens are then the first real tokens of each row."""
+        if self.get_seq_length() > 0 or attention_mask is None or attention_mask.dim() != 2:
+            return
+        real = attention_mask.bool()
+        pad = torch.where(real.any(-1), real.float().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
+        for layer in self.layers:
+            layer.pad_lengths = pad.long()
+
+    def compression_stats(self) -> CompressionStats:
+        rows = [layer.byte_counts() for layer in self.layers]
+        total = {k: sum(r[k] for r in rows) for k in rows[0]}
+        return CompressionStats(
+            tokens=self.get_seq_length(),
+            records=total["records"],
+            scales=total["scales"],
+            window=total["window"],
+            sinks=total["sinks"],
+            index=total["index"],
+            fp16_bytes=total["fp16"],
+            calibration_bytes=self.calibration_bytes,
+            per_layer=rows,
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of K/V state the cache holds (what memory figures count)."""
+        out = []
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            out += [layer.keys, layer.values, layer.sink_pos]
+            out += [t for t in (layer.sink_keys, layer.sink_values) if t is not None]
+            for store in (layer.k_store, layer.v_store):
+                out += [b for b in store.buffers if b is not None]
+        return out

@@ -1,0 +1,103 @@
+"""What to compress and how: a :class:`CompressionConfig` (key and value quantizers, fp16 recent
+window, sinks), the named presets, and parsing of user dials onto a preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from .quantizer import QuantizerConfig
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How a KV cache is compressed.
+
+    key / value: the quantizer of each kind.
+    window: the most recent tokens kept in fp16 (compressed in chunks as they age out).
+    chunk: aged-out tokens are compressed once at least this many have accumulated past the window.
+    sinks: the first tokens of every sequence (after left padding) kept in fp16.
+    fp16_layers: layer indices left uncompressed (e.g. the most sensitive ones).
+    """
+
+    key: QuantizerConfig = field(default_factory=QuantizerConfig)
+    value: QuantizerConfig = field(default_factory=QuantizerConfig)
+    window: int = 64
+    chunk: int = 32
+    sinks: int = 4
+    fp16_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("window", "sinks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"chunk must be a positive int, got {self.chunk!r}")
+        object.__setattr__(self, "fp16_layers", tuple(sorted(int(i) for i in self.fp16_layers)))
+
+    def describe(self) -> str:
+        def q(c: QuantizerConfig) -> str:
+            extra = f", qjl {c.qjl_dims}" if c.qjl_dims else ""
+            return f"{c.bits:g} bits ({c.rotation}, {c.allocation}, {c.codebook}{extra})"
+
+        return (
+            f"keys {q(self.key)}; values {q(self.value)}; fp16 window {self.window} (chunk {self.chunk}), "
+            f"{self.sinks} sink tokens" + (f"; fp16 layers {list(self.fp16_layers)}" if self.fp16_layers else "")
+        )
+
+
+PRESETS: dict[str, CompressionConfig] = {
+    "standard": CompressionConfig(key=QuantizerConfig(bits=4.0), value=QuantizerConfig(bits=4.0)),
+    "high": CompressionConfig(key=QuantizerConfig(bits=3.0), value=QuantizerConfig(bits=3.0)),
+    "max": CompressionConfig(key=QuantizerConfig(bits=2.5), value=QuantizerConfig(bits=2.0)),
+}
+
+_QUANTIZER_DIALS = {f.name for f in fields(QuantizerConfig)}
+_CACHE_DIALS = {"window", "chunk", "sinks", "fp16_layers"}
+
+
+def valid_dials() -> list[str]:
+    """Every keyword :func:`resolve_config` accepts."""
+    both = sorted(_QUANTIZER_DIALS)
+    return sorted(_CACHE_DIALS) + both + [f"key_{d}" for d in both] + [f"value_{d}" for d in both]
+
+
+def resolve_config(preset: str | CompressionConfig = "standard", **dials) -> CompressionConfig:
+    """A preset (by name or as a config) with dials applied.
+
+    A quantizer dial (``bits``, ``rotation``, ...) sets keys and values alike; ``key_<dial>`` or
+    ``value_<dial>`` sets one kind; ``window``, ``chunk``, ``sinks``, ``fp16_layers`` set the cache.
+    Unknown preset names and dials raise ``ValueError`` listing what is valid.
+    """
+    if isinstance(preset, CompressionConfig):
+        config = preset
+    elif isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        config = PRESETS[preset]
+    else:
+        raise TypeError(f"preset must be a name or a CompressionConfig, got {type(preset).__name__}")
+    key_changes, value_changes, cache_changes = {}, {}, {}
+    for name, val in dials.items():
+        if name in _CACHE_DIALS:
+            cache_changes[name] = val
+        elif name in _QUANTIZER_DIALS:
+            key_changes[name] = val
+            value_changes[name] = val
+        elif name.startswith("key_") and name[4:] in _QUANTIZER_DIALS:
+            key_changes[name[4:]] = val
+        elif name.startswith("value_") and name[6:] in _QUANTIZER_DIALS:
+            value_changes[name[6:]] = val
+        else:
+            raise ValueError(f"unknown option {name!r}; valid options are {valid_dials()}")
+    return replace(
+        config,
+        key=replace(config.key, **key_changes),
+        value=replace(config.value, **value_changes),
+        **cache_changes,
+    )
+
+
+def describe_presets() -> str:
+    """One line per preset: what it does."""
+    return "\n".join(f"{name:>9}: {cfg.describe()}" for name, cfg in PRESETS.items())
