@@ -27,6 +27,7 @@ class WrapState:
     config: CompressionConfig
     codecs: list[LayerCodec | None]
     make_cache: Callable[[], Any]
+    attention: str | None = None  # attention implementation to switch to while wrapped
     undo: list[Callable[[], None]] = field(default_factory=list)
     last_cache: Any = None
 

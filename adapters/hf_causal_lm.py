@@ -139,6 +139,10 @@ class HFCausalLMAdapter(Adapter):
 
         handle = model.register_forward_pre_hook(inject_cache, with_kwargs=True)
         state.undo.append(handle.remove)
+        if state.attention is not None:
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(state.attention)
+            state.undo.append(lambda: model.set_attn_implementation(previous))
         setattr(model, STATE_ATTR, state)
 
 

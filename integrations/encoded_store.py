@@ -19,14 +19,18 @@ GRANULE = 64
 
 
 class EncodedStore:
-    def __init__(self):
-        self.buffers: list[torch.Tensor | None] = []  # records, scales, qjl_norms (None if absent)
+    """Records ``[B, H, cap, R]`` uint8 and optional fp16 scales / QJL norms ``[B, H, cap]``."""
+
+    def __init__(self, batch: int, heads: int, record_bytes: int, scales: bool, qjl: bool, device):
+        records = torch.empty(batch, heads, 0, record_bytes, dtype=torch.uint8, device=device)
+        side = torch.empty(batch, heads, 0, dtype=torch.float16, device=device)
+        self.buffers: list[torch.Tensor | None] = [records, side if scales else None, side.clone() if qjl else None]
         self.start = 0
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return 0 if not self.buffers else self.buffers[0].shape[2]
+        return self.buffers[0].shape[2]
 
     def append(self, enc: Encoded) -> None:
         """Append ``enc`` whose tensors are ``[B, n, H, ...]`` (as a quantizer returns them)."""
@@ -34,8 +38,6 @@ class EncodedStore:
         n = enc.records.shape[1]
         if n == 0:
             return
-        if not self.buffers:
-            self.buffers = [None if p is None else p.new_empty(p.shape[0], p.shape[2], 0, *p.shape[3:]) for p in parts]
         end = self.start + self.length
         if end + n > self.capacity:
             self._reserve(self.length + n)
@@ -61,13 +63,8 @@ class EncodedStore:
         self.buffers, self.start = new, 0
 
     def view(self) -> Encoded:
-        """The valid tokens as an :class:`Encoded` with tensors ``[B, T, H, ...]`` (views)."""
-        sl = [None if b is None else b[:, :, self.start : self.start + self.length].transpose(1, 2) for b in self.buffers]
-        return Encoded(*sl)
-
-    def head_major(self) -> list[torch.Tensor | None]:
-        """The valid tokens as ``[B, H, T, ...]`` views (records, scales, qjl_norms)."""
-        return [None if b is None else b[:, :, self.start : self.start + self.length] for b in self.buffers]
+        """The valid tokens as an :class:`Encoded` of head-major ``[B, H, T, ...]`` views."""
+        return Encoded(*(None if b is None else b[:, :, self.start : self.start + self.length] for b in self.buffers))
 
     def drop_front(self, n: int) -> None:
         n = min(n, self.length)
@@ -90,4 +87,4 @@ class EncodedStore:
 
     def nbytes(self) -> list[int]:
         """Bytes allocated per buffer (records, scales, qjl_norms)."""
-        return [0 if b is None else b.numel() * b.element_size() for b in self.buffers] or [0, 0, 0]
+        return [0 if b is None else b.numel() * b.element_size() for b in self.buffers]

@@ -1,12 +1,14 @@
 """A ``transformers`` Cache whose layers hold compressed K/V: packed uint8 records plus an fp16
 window of recent tokens and fp16 sink tokens.
 
-Update contract (one layer): ``update(k, v)`` with new states ``[B, H, n, D]`` returns the
-layer's full key/value states for this forward (``[B, H, held + n, D]``, compressed history
-dequantized into a transient tensor, recent tokens exact), then ages tokens beyond the fp16
-window into records. Between calls nothing but records, scales, the window and sinks is held.
-Sliding-window layers keep only their window (``sliding_window - 1`` tokens), as transformers'
-own ``DynamicSlidingWindowLayer`` does, with the same mask sizes.
+Update contract (one layer): ``update(k, v)`` with new states ``[B, H, n, D]`` appends them to
+the fp16 window and returns the layer's full key/value states for this forward (``[B, H,
+held + n, D]``: compressed history dequantized into a transient tensor, then the window), or, in
+fused mode, a :class:`CompressedKV` snapshot that the registered attention function reads
+directly. It then ages tokens beyond the window into records. Between calls nothing but records,
+scales, the window and sinks is held. Sliding-window layers keep only their window
+(``sliding_window - 1`` tokens), as transformers' own ``DynamicSlidingWindowLayer`` does, with
+the same mask sizes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from spectralquant.codec import LayerCodec
+from spectralquant.compressed_kv import CompressedKV
 from spectralquant.config import CompressionConfig
-from spectralquant.quantizer import Encoded
 
 from .encoded_store import EncodedStore
 
@@ -34,10 +36,13 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, codec: LayerCodec | None, config: CompressionConfig, sliding_window: int | None = None):
+    def __init__(
+        self, codec: LayerCodec | None, config: CompressionConfig, sliding_window: int | None = None, fused: bool = False
+    ):
         super().__init__()
         self.codec = codec
         self.config = config
+        self.fused = fused
         self.window = config.window
         self.chunk = config.chunk
         self.sliding_window = sliding_window
@@ -45,7 +50,7 @@ class CompressedLayer(CacheLayerMixin):
         # Sinks matter for full attention; a sliding layer forgets them anyway.
         self.num_sinks = 0 if self.is_sliding or codec is None else config.sinks
         self.cumulative_length = 0
-        self.k_store, self.v_store = EncodedStore(), EncodedStore()
+        self.k_store = self.v_store = None
         self.sink_keys = self.sink_values = None
         self.sink_pos: torch.Tensor | None = None  # [B] first real (non-padding) position per row
         self.pad_lengths: torch.Tensor | None = None  # set by the cache before the first update
@@ -65,6 +70,10 @@ class CompressedLayer(CacheLayerMixin):
                     f"receives {h} heads of dim {d}: calibrate this model first"
                 )
             self.codec = self.codec.to(self.device)
+            for kind in ("key", "value"):
+                q = getattr(self.codec, kind)
+                store = EncodedStore(b, h, q.record_bytes, q.config.scale, q.config.qjl_dims > 0, self.device)
+                setattr(self, f"{kind[0]}_store", store)
         pad = self.pad_lengths
         self.sink_pos = pad.to(self.device) if pad is not None else torch.zeros(b, dtype=torch.long, device=self.device)
         if self.num_sinks:
@@ -73,9 +82,13 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     @property
+    def compressed_length(self) -> int:
+        return self.k_store.length if self.k_store is not None else 0
+
+    @property
     def held(self) -> int:
         """Tokens this layer holds (compressed plus window)."""
-        return 0 if not self.is_initialized else self.k_store.length + self.keys.shape[-2]
+        return 0 if not self.is_initialized else self.compressed_length + self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -96,27 +109,27 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start = self.cumulative_length
-        self._capture_sinks(key_states, value_states, start)
-        out_k = self._history(self.k_store, self.keys, self.sink_keys, key_states, "key")
-        out_v = self._history(self.v_store, self.values, self.sink_values, value_states, "value")
+        self._capture_sinks(key_states, value_states, self.cumulative_length)
         self.keys = torch.cat([self.keys, key_states.to(self.store_dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.store_dtype)], dim=-2)
         self.cumulative_length += key_states.shape[-2]
+        if self.codec is None:
+            out = self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
+            self._age_out()
+            return out
+        # The snapshot keeps this forward's window alive while aging replaces it.
+        view = self.snapshot()
         self._age_out()
-        return out_k, out_v
+        if self.fused:
+            return view, view
+        return view.materialize(key_states.dtype)
 
-    def _history(self, store, window, sinks, new, kind: str) -> torch.Tensor:
-        """Full states for this forward: dequantized records (sinks restored), window, new tokens."""
-        parts = []
-        if store.length:
-            quantizer = getattr(self.codec, kind)
-            old = quantizer.decode(store.view()).transpose(1, 2).to(new.dtype)
-            if self.num_sinks:
-                old = self._restore_sinks(old, sinks)
-            parts.append(old)
-        parts += [window.to(new.dtype), new]
-        return torch.cat(parts, dim=-2)
+    def snapshot(self) -> CompressedKV:
+        """The layer's current contents as attention reads them."""
+        return CompressedKV(
+            self.k_store.view(), self.v_store.view(), self.codec.key, self.codec.value,
+            self.keys, self.values, self.sink_keys, self.sink_values, self.sink_pos,
+        )
 
     def _sink_positions(self) -> torch.Tensor:
         return self.sink_pos[:, None] + torch.arange(self.num_sinks, device=self.device)
@@ -131,14 +144,6 @@ class CompressedLayer(CacheLayerMixin):
             self.sink_keys[rows, :, slots] = k[rows, :, idx].to(self.store_dtype)
             self.sink_values[rows, :, slots] = v[rows, :, idx].to(self.store_dtype)
 
-    def _restore_sinks(self, old: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-        """Put the exact sink tokens back over their decoded records (full layers start at position 0)."""
-        pos = self._sink_positions()
-        rows, slots = (pos < old.shape[-2]).nonzero(as_tuple=True)
-        if rows.numel():
-            old[rows, :, pos[rows, slots]] = sinks[rows, :, slots].to(old.dtype)
-        return old
-
     def _age_out(self) -> None:
         """Compress window tokens beyond ``window`` (once ``chunk`` have piled up); trim sliding layers."""
         n_win = self.keys.shape[-2]
@@ -152,9 +157,10 @@ class CompressedLayer(CacheLayerMixin):
         if self.is_sliding:
             excess = self.held - (self.sliding_window - 1)
             if excess > 0:
-                from_store = min(excess, self.k_store.length)
-                self.k_store.drop_front(from_store)
-                self.v_store.drop_front(from_store)
+                from_store = min(excess, self.compressed_length)
+                if from_store:
+                    self.k_store.drop_front(from_store)
+                    self.v_store.drop_front(from_store)
                 if excess > from_store:
                     self.keys = self.keys[:, :, excess - from_store :].clone()
                     self.values = self.values[:, :, excess - from_store :].clone()
@@ -177,7 +183,8 @@ class CompressedLayer(CacheLayerMixin):
         n_win = self.keys.shape[-2]
         if remove <= n_win:
             self.keys, self.values = self.keys[:, :, : n_win - remove], self.values[:, :, : n_win - remove]
-        else:
+        else:  # only a compressed layer holds more than its window
+
             self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
             self.k_store.truncate(self.k_store.length - (remove - n_win))
             self.v_store.truncate(self.v_store.length - (remove - n_win))
@@ -190,8 +197,9 @@ class CompressedLayer(CacheLayerMixin):
         self.sink_pos = fn(self.sink_pos)
         if self.num_sinks:
             self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
-        self.k_store.map_batch(fn)
-        self.v_store.map_batch(fn)
+        for store in (self.k_store, self.v_store):
+            if store is not None:
+                store.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -203,7 +211,7 @@ class CompressedLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def reset(self) -> None:
-        self.__init__(self.codec, self.config, self.sliding_window)
+        self.__init__(self.codec, self.config, self.sliding_window, self.fused)
 
     def offload(self):
         raise NotImplementedError("a SpectralQuant cache cannot be offloaded; it is already compressed")
@@ -217,7 +225,8 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes of every tensor this layer holds, by role, and the fp16 bytes of the same K/V."""
         if not self.is_initialized:
             return dict(records=0, scales=0, window=0, sinks=0, index=0, fp16=0)
-        k, v = self.k_store.nbytes(), self.v_store.nbytes()
+        k = self.k_store.nbytes() if self.k_store is not None else [0, 0, 0]
+        v = self.v_store.nbytes() if self.v_store is not None else [0, 0, 0]
         b, h, _, d = self.keys.shape
         return dict(
             records=k[0] + v[0],
@@ -227,10 +236,6 @@ class CompressedLayer(CacheLayerMixin):
             index=_nbytes(self.sink_pos),
             fp16=2 * b * h * self.held * d * 2,
         )
-
-    def compressed(self) -> tuple[Encoded, Encoded]:
-        """The compressed history as ``[B, T, H, ...]`` views (keys, values)."""
-        return self.k_store.view(), self.v_store.view()
 
 
 @dataclass
@@ -281,10 +286,11 @@ class SpectralQuantCache(Cache):
         codecs: list[LayerCodec | None],
         config: CompressionConfig,
         sliding_windows: list[int | None],
+        fused: bool = False,
     ):
         if len(codecs) != len(sliding_windows):
             raise ValueError("one codec and one sliding-window entry per layer")
-        layers = [CompressedLayer(c, config, w) for c, w in zip(codecs, sliding_windows)]
+        layers = [CompressedLayer(c, config, w, fused) for c, w in zip(codecs, sliding_windows)]
         super().__init__(layers=layers)
         self.config = config
         self.calibration_bytes = sum(c.nbytes() for c in codecs if c is not None)
@@ -323,5 +329,6 @@ class SpectralQuantCache(Cache):
             out += [layer.keys, layer.values, layer.sink_pos]
             out += [t for t in (layer.sink_keys, layer.sink_values) if t is not None]
             for store in (layer.k_store, layer.v_store):
-                out += [b for b in store.buffers if b is not None]
+                if store is not None:
+                    out += [b for b in store.buffers if b is not None]
         return out

@@ -32,6 +32,7 @@ def wrap(
     calibration: Calibration | None = None,
     preset: str | CompressionConfig = "standard",
     tokenizer: Any = None,
+    fused: bool | None = None,
     **overrides,
 ) -> Any:
     """Make ``model`` keep its K/V compressed; returns the same model object.
@@ -40,6 +41,8 @@ def wrap(
     which needs ``tokenizer``); ``preset`` is ``"standard"``, ``"high"``, ``"max"`` or a
     :class:`CompressionConfig`; ``overrides`` are dials such as ``bits=3``, ``key_bits=4``,
     ``window=128``. Afterwards ``model(...)`` and ``model.generate(...)`` use a compressed cache.
+    ``fused`` makes attention read the packed records directly (default: on CUDA with Triton);
+    otherwise attention sees a transient dequantized copy through the model's own attention.
     """
     adapter = _adapter(model)
     if adapter.is_installed():
@@ -64,10 +67,13 @@ def wrap(
             stacklevel=2,
         )
     from .adapters import WrapState
-    from .integrations import make_cache_factory
+    from .integrations import fused_available, make_cache_factory
 
+    if fused is None:
+        fused = fused_available(next(model.parameters()).device)
     codecs = build_codecs(calibration, config)
-    adapter.install(WrapState(calibration, config, codecs, make_cache_factory(adapter, codecs, config)))
+    make_cache, attention = make_cache_factory(adapter, codecs, config, fused)
+    adapter.install(WrapState(calibration, config, codecs, make_cache, attention))
     return model
 
 

@@ -1,0 +1,65 @@
+"""One layer's keys and values as attention reads them from a compressed cache: compressed history
+(packed records), the fp16 window of recent tokens, and exact sink tokens.
+
+Token order is ``[compressed history (Tc) | window (W)]``; sink ``j`` of row ``b`` sits at
+history position ``sink_pos[b] + j`` and, where that position is compressed, its exact value
+replaces the decoded record. Attention masks over this cache have ``Tc + W`` columns in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantizer import Encoded, Quantizer
+
+
+@dataclass
+class CompressedKV:
+    """Head-major views: ``key``/``value`` records ``[B, H, Tc, R]`` with scales ``[B, H, Tc]``;
+    ``window_keys``/``window_values`` ``[B, H, W, D]``; ``sink_keys``/``sink_values``
+    ``[B, H, S, D]`` or None; ``sink_pos [B]``."""
+
+    key: Encoded
+    value: Encoded
+    key_quantizer: Quantizer
+    value_quantizer: Quantizer
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    sink_keys: torch.Tensor | None
+    sink_values: torch.Tensor | None
+    sink_pos: torch.Tensor
+
+    @property
+    def compressed_length(self) -> int:
+        return self.key.records.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.compressed_length + self.window_keys.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape the materialized key tensor would have, ``(B, H, Tc + W, D)``."""
+        b, h, _, d = self.window_keys.shape
+        return (b, h, self.length, d)
+
+    def _history(self, enc: Encoded, quantizer: Quantizer, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Decoded compressed history ``[B, H, Tc, D]`` (float32) with exact sinks restored."""
+        as_token_major = Encoded(*(None if t is None else t.transpose(1, 2) for t in (enc.records, enc.scales, enc.qjl_norms)))
+        hist = quantizer.decode(as_token_major).transpose(1, 2)
+        if sinks is not None and hist.shape[2]:
+            pos = self.sink_pos[:, None] + torch.arange(sinks.shape[2], device=hist.device)
+            rows, slots = (pos < hist.shape[2]).nonzero(as_tuple=True)
+            hist[rows, :, pos[rows, slots]] = sinks[rows, :, slots].float()
+        return hist
+
+    def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full keys and values ``[B, H, Tc + W, D]`` in ``dtype`` (a transient dequantized copy)."""
+        k = self._history(self.key, self.key_quantizer, self.sink_keys)
+        v = self._history(self.value, self.value_quantizer, self.sink_values)
+        return (
+            torch.cat([k.to(dtype), self.window_keys.to(dtype)], dim=2),
+            torch.cat([v.to(dtype), self.window_values.to(dtype)], dim=2),
+        )
