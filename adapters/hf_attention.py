@@ -24,7 +24,7 @@ def base_attention(module: torch.nn.Module, base: str) -> Callable:
     """The attention function the model would use for implementation ``base``."""
     if base == "eager":
         # Each model defines its own eager attention (soft-capping, sinks, ...) next to its modules.
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[base]
 
 

@@ -114,7 +114,11 @@ class HFCausalLMAdapter(Adapter):
                 self.model(input_ids=row[None].to(device), past_key_values=cache, use_cache=True)
                 bar.update(row.numel())
         bar.close()
-        info = {"tokens": int(token_ids.numel()), "sequences": int(token_ids.shape[0]), "seq_len": int(token_ids.shape[1])}
+        info = {
+            "tokens": int(token_ids.numel()),
+            "sequences": int(token_ids.shape[0]),
+            "seq_len": int(token_ids.shape[1]),
+        }
         return builder.build(info)
 
     # ------------------------------------------------------------------------------- install
@@ -129,7 +133,9 @@ class HFCausalLMAdapter(Adapter):
             if not use_cache:
                 return None
             cache = kwargs.get("past_key_values")
-            if cache is None or (isinstance(cache, Cache) and not _is_compressed(cache) and cache.get_seq_length() == 0):
+            if cache is None or (
+                isinstance(cache, Cache) and not _is_compressed(cache) and cache.get_seq_length() == 0
+            ):
                 cache = state.make_cache()
                 kwargs["past_key_values"] = cache
             if _is_compressed(cache):

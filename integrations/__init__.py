@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
 from spectralquant.adapters import Adapter
+
 from spectralquant.codec import LayerCodec
 from spectralquant.config import CompressionConfig
 

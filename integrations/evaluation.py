@@ -57,14 +57,18 @@ def compare_to_reference(
     reference (computed here unless ``reference_logits`` from :func:`reference_chunks` is given)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}")
-    ref_iter = iter(reference_logits) if reference_logits is not None else chunked_logits(
-        model, input_ids, DynamicCache(config=model.config), chunk
+    ref_iter = (
+        iter(reference_logits)
+        if reference_logits is not None
+        else chunked_logits(model, input_ids, DynamicCache(config=model.config), chunk)
     )
     targets = input_ids[:, 1:]
     nll_ref = nll = kl = top1 = 0.0
     n = 0
     t0 = time.perf_counter()
-    for start, logits in zip(range(0, input_ids.shape[1], chunk), chunked_logits(model, input_ids, make_cache(), chunk)):
+    for start, logits in zip(
+        range(0, input_ids.shape[1], chunk), chunked_logits(model, input_ids, make_cache(), chunk)
+    ):
         ref = next(ref_iter).to(logits.device)
         # Position i predicts token i + 1; the last position of the text has no target.
         c = min(logits.shape[1], targets.shape[1] - start)
@@ -88,4 +92,6 @@ def compare_to_reference(
 @torch.inference_mode()
 def reference_chunks(model, input_ids: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
     """The uncompressed chunked logits once (CPU, float16 to save memory), for reuse across configs."""
-    return [lg.to("cpu", torch.float16) for lg in chunked_logits(model, input_ids, DynamicCache(config=model.config), chunk)]
+    return [
+        lg.to("cpu", torch.float16) for lg in chunked_logits(model, input_ids, DynamicCache(config=model.config), chunk)
+    ]

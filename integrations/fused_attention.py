@@ -6,8 +6,8 @@ records; otherwise it dequantizes and calls the model's own ``<base>`` attention
 from __future__ import annotations
 
 import torch
-
 from spectralquant.adapters.hf_attention import base_attention, register_wrapped
+
 from spectralquant.compressed_kv import CompressedKV
 from spectralquant.kernels import compressed_attention
 

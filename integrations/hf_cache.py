@@ -37,7 +37,11 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(
-        self, codec: LayerCodec | None, config: CompressionConfig, sliding_window: int | None = None, fused: bool = False
+        self,
+        codec: LayerCodec | None,
+        config: CompressionConfig,
+        sliding_window: int | None = None,
+        fused: bool = False,
     ):
         super().__init__()
         self.codec = codec
@@ -127,8 +131,15 @@ class CompressedLayer(CacheLayerMixin):
     def snapshot(self) -> CompressedKV:
         """The layer's current contents as attention reads them."""
         return CompressedKV(
-            self.k_store.view(), self.v_store.view(), self.codec.key, self.codec.value,
-            self.keys, self.values, self.sink_keys, self.sink_values, self.sink_pos,
+            self.k_store.view(),
+            self.v_store.view(),
+            self.codec.key,
+            self.codec.value,
+            self.keys,
+            self.values,
+            self.sink_keys,
+            self.sink_values,
+            self.sink_pos,
         )
 
     def _sink_positions(self) -> torch.Tensor:

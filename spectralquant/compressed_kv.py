@@ -47,7 +47,9 @@ class CompressedKV:
 
     def _history(self, enc: Encoded, quantizer: Quantizer, sinks: torch.Tensor | None) -> torch.Tensor:
         """Decoded compressed history ``[B, H, Tc, D]`` (float32) with exact sinks restored."""
-        as_token_major = Encoded(*(None if t is None else t.transpose(1, 2) for t in (enc.records, enc.scales, enc.qjl_norms)))
+        as_token_major = Encoded(
+            *(None if t is None else t.transpose(1, 2) for t in (enc.records, enc.scales, enc.qjl_norms))
+        )
         hist = quantizer.decode(as_token_major).transpose(1, 2)
         if sinks is not None and hist.shape[2]:
             pos = self.sink_pos[:, None] + torch.arange(sinks.shape[2], device=hist.device)

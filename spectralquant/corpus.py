@@ -14,7 +14,7 @@ from importlib import resources
 SPLITS = ("calibration", "evaluation")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _book() -> str:
     return resources.files("spectralquant").joinpath("data/cfi_en.txt").read_text(encoding="utf-8")
 
