@@ -24,6 +24,10 @@ class LayerCodec:
     def nbytes(self) -> int:
         return self.key.nbytes() + self.value.nbytes()
 
+    def __deepcopy__(self, memo) -> LayerCodec:
+        # Codecs are read-only tables: a copied cache shares them.
+        return self
+
 
 def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[LayerCodec | None]:
     """One codec per layer (``None`` for layers listed in ``config.fp16_layers``)."""
