@@ -2,19 +2,19 @@
 
 K/V are captured exactly as transformers' cache receives them (post-RoPE, after any key norm),
 per KV head (GQA: never per query head), by running calibration text with a recording cache.
-Compression is installed as a forward pre-hook that hands the model a fresh compressed cache
-whenever it would otherwise start an empty one (plain ``model(...)`` and ``model.generate``).
+Compression is installed by handing the model a fresh compressed cache wherever it would create
+its own (plain ``model(...)`` calls and ``model.generate``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import Cache
 
 from spectralquant.calibration import Calibration, ModelSignature
 from spectralquant.calibration_builder import CalibrationBuilder
@@ -124,6 +124,9 @@ class HFCausalLMAdapter(Adapter):
     # ------------------------------------------------------------------------------- install
 
     def install(self, state: WrapState) -> None:
+        """A compressed cache replaces the one transformers would create: a forward pre-hook
+        supplies it when ``past_key_values`` is None, and ``generate`` gets one unless the caller
+        passes a cache of their own (an explicit ``DynamicCache`` stays uncompressed)."""
         model = self.model
 
         def inject_cache(module, args, kwargs):
@@ -133,11 +136,8 @@ class HFCausalLMAdapter(Adapter):
             if not use_cache:
                 return None
             cache = kwargs.get("past_key_values")
-            if cache is None or (
-                isinstance(cache, Cache) and not _is_compressed(cache) and cache.get_seq_length() == 0
-            ):
-                cache = state.make_cache()
-                kwargs["past_key_values"] = cache
+            if cache is None:
+                cache = kwargs["past_key_values"] = state.make_cache()
             if _is_compressed(cache):
                 cache.set_padding(kwargs.get("attention_mask"))
                 state.last_cache = cache
@@ -145,6 +145,17 @@ class HFCausalLMAdapter(Adapter):
 
         handle = model.register_forward_pre_hook(inject_cache, with_kwargs=True)
         state.undo.append(handle.remove)
+
+        original_generate = model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+                kwargs["past_key_values"] = state.make_cache()
+            return original_generate(*args, **kwargs)
+
+        model.generate = generate
+        state.undo.append(lambda: delattr(model, "generate"))
         if state.attention is not None:
             previous = model.config._attn_implementation
             model.set_attn_implementation(state.attention)

@@ -4,11 +4,11 @@ contract (sliding windows, padding, beams, crop, memory figures)."""
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model
+from spectralquant.adapters import find_adapter
+from spectralquant.integrations.hf_cache import SpectralQuantCache
 from transformers import DynamicCache
 
 import spectralquant as sq
-from spectralquant.adapters import find_adapter
-from spectralquant.integrations.hf_cache import SpectralQuantCache
 from spectralquant.metrics import kl_divergence
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
