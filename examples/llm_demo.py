@@ -63,9 +63,10 @@ def main() -> None:
         print(f"prompt: {prompt!r}")
         print(f"  FP16       ({ref_speed:5.1f} tok/s): {tok.decode(ref[0, n:], skip_special_tokens=True)!r}")
         print(f"  {args.preset:<10} ({speed:5.1f} tok/s): {tok.decode(out[0, n:], skip_special_tokens=True)!r}")
+        print(f"  identical for the first {same}/{out.shape[1] - n} tokens")
         print(
-            f"  identical for the first {same}/{out.shape[1] - n} tokens; cache holds {stats.held_bytes / 1024:.0f} KiB "
-            f"vs {stats.fp16_bytes / 1024:.0f} KiB in FP16 at {stats.tokens} tokens (the fp16 window dominates this short)"
+            f"  cache holds {stats.held_bytes / 1024:.0f} KiB vs {stats.fp16_bytes / 1024:.0f} KiB in FP16 "
+            f"at {stats.tokens} tokens (this short, the fp16 window dominates)"
         )
     print("=" * 100)
 

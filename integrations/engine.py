@@ -65,7 +65,9 @@ class SpectralQuant:
 
     def _require_calibration(self) -> Calibration:
         if self.calibration is None:
-            raise ValueError("no calibration yet: call engine.calibrate(model, tokenizer) or engine.load_calibration(path)")
+            raise ValueError(
+                "no calibration yet: call engine.calibrate(model, tokenizer) or engine.load_calibration(path)"
+            )
         return self.calibration
 
     @contextmanager
