@@ -19,6 +19,7 @@ from .calibration import KVStats
 from .codebook import MAX_BITS, fit_lloyd, gaussian_levels, quantize
 from .packing import RecordLayout
 from .rotation import random_orthogonal, randomized_hadamard
+from .stats import Spectrum
 
 ROTATIONS = ("spectral", "random", "hadamard", "identity")
 ALLOCATIONS = ("waterfill", "uniform")
@@ -36,6 +37,9 @@ class QuantizerConfig:
     allocation: ``waterfill`` (by per-coordinate variance) or ``uniform``.
     codebook: ``gaussian`` (Lloyd-Max for a normal, scaled per coordinate) or ``fitted`` (Lloyd
         fit to the calibration's sample reservoir).
+    mix_bands: after allocation, rotate each group of equal-width coordinates among themselves
+        (randomized Hadamard for power-of-two group sizes, else random orthogonal): the group's
+        coordinates become equal-variance and near-Gaussian while the allocation stays.
     center: subtract the calibrated mean first.
     scale: store a per-vector fp16 scale and quantize ``z / s``.
     qjl_dims: if > 0, a 1-bit QJL sketch of the residual of that many leading coordinates.
@@ -48,6 +52,7 @@ class QuantizerConfig:
     rotation: str = "spectral"
     allocation: str = "waterfill"
     codebook: str = "gaussian"
+    mix_bands: bool = False
     center: bool = True
     scale: bool = True
     qjl_dims: int = 0
@@ -147,6 +152,12 @@ class Quantizer:
             raise ValueError(f"qjl_dims={config.qjl_dims} exceeds head_dim {d}")
         lam, vecs = stats.eigenvalues.double(), stats.eigenvectors.double()
         cov = vecs @ torch.diag_embed(lam) @ vecs.transpose(-1, -2)
+        if not config.center:
+            # Uncentred coding sees the second moment E[x x^T], mean direction included.
+            mean = stats.mean.double()
+            spectrum = Spectrum.from_covariance(cov + torch.einsum("hi,hj->hij", mean, mean))
+            lam, vecs = spectrum.eigenvalues, spectrum.eigenvectors
+            cov = vecs @ torch.diag_embed(lam) @ vecs.transpose(-1, -2)
         # Salted so the rotation is unrelated to other streams seeded with small integers.
         gen = torch.Generator().manual_seed(0x5EC7A1 + config.seed * 1_000_003 + seed_offset)
         if config.rotation == "spectral":
@@ -162,6 +173,9 @@ class Quantizer:
             widths = waterfill(variances, config.bits, config.min_bits, config.max_bits)
         else:
             widths = uniform_bits(d, config.bits, config.min_bits, config.max_bits).expand(h, d)
+        if config.mix_bands:
+            basis = basis @ _band_mixing(widths, gen)
+            variances = torch.einsum("hji,hjk,hki->hi", basis, cov, basis).clamp_min(0)
         trace = lam.sum(-1)
         qjl = None
         if config.qjl_dims:
@@ -318,6 +332,19 @@ class Quantizer:
         if enc.scales is not None:
             z = z * enc.scales.float()[..., None]
         return z
+
+
+def _band_mixing(widths: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per head, an orthogonal ``[D, D]`` that mixes only coordinates of equal width."""
+    h, d = widths.shape
+    mix = torch.zeros(h, d, d, dtype=torch.float64)
+    for head in range(h):
+        for b in widths[head].unique().tolist():
+            idx = (widths[head] == b).nonzero().flatten()
+            n = idx.numel()
+            block = randomized_hadamard(n, gen) if n & (n - 1) == 0 else random_orthogonal(n, gen)
+            mix[head][idx[:, None], idx[None, :]] = block
+    return mix
 
 
 def _padded(levels: torch.Tensor, k: int) -> torch.Tensor:
