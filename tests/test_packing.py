@@ -3,9 +3,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spectralquant.packing import RecordLayout, bit_offsets, pack, record_bytes, unpack
+from spectralquant.packing import RecordLayout, pack, record_bytes, unpack
 
-widths_st = st.lists(st.integers(0, 8), min_size=1, max_size=70)
+widths_st = st.one_of(
+    st.lists(st.integers(0, 8), min_size=1, max_size=70), st.lists(st.integers(0, 8), min_size=16, max_size=16)
+)
 
 
 def random_codes(widths: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -14,25 +16,58 @@ def random_codes(widths: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return (torch.rand(high.shape, generator=g) * high).long()
 
 
+def expected_bytes(ws: list[int]) -> int:
+    """ceil(bits / 8), rounded up to whole 32-bit words when D is a power of two >= 16."""
+    d, bits = len(ws), sum(ws)
+    return 4 * -(-bits // 32) if d >= 16 and d & (d - 1) == 0 else -(-bits // 8)
+
+
 @given(widths_st, st.integers(0, 20), st.integers(0, 2**31))
-def test_round_trip_is_bit_exact_and_record_length_is_ceil_bits_over_8(ws, n, seed):
+def test_round_trip_is_bit_exact_and_record_length_follows_the_rule(ws, n, seed):
     widths = torch.tensor(ws)
     codes = random_codes(widths, n, seed)
     records = pack(codes, widths)
     assert records.dtype == torch.uint8
-    assert records.shape == (n, (sum(ws) + 7) // 8)
-    assert record_bytes(widths) == (sum(ws) + 7) // 8
+    assert records.shape == (n, expected_bytes(ws))
+    assert record_bytes(widths) == expected_bytes(ws)
     assert torch.equal(unpack(records, widths), codes)
 
 
-@given(widths_st, st.integers(0, 2**31))
-def test_record_is_the_little_endian_integer_sum_of_shifted_codes(ws, seed):
+@given(widths_st, st.integers(0, 2**31), st.booleans())
+def test_record_is_the_little_endian_integer_sum_of_shifted_codes(ws, seed, permute):
     widths = torch.tensor(ws)
-    codes = random_codes(widths, 1, seed)[0]
-    record = pack(codes, widths)
-    as_int = int.from_bytes(bytes(record.tolist()), "little")
-    offsets = bit_offsets(widths).tolist()
-    assert as_int == sum(int(c) << o for c, o in zip(codes.tolist(), offsets))
+    layout = RecordLayout(widths, permute=permute)
+    codes = random_codes(widths, 1, seed)
+    as_int = int.from_bytes(bytes(layout.pack(codes)[0].tolist()), "little")
+    assert as_int == sum(int(c) << o for c, o in zip(codes[0].tolist(), layout.offsets.tolist()))
+    assert torch.equal(layout.unpack(layout.pack(codes)), codes)
+
+
+@given(widths_st, st.booleans())
+def test_codes_sit_back_to_back_in_stored_order_in_units_of_at_most_32_bits(ws, permute):
+    widths = torch.tensor(ws)
+    layout = RecordLayout(widths, permute=permute)
+    assert sorted(layout.order.tolist()) == list(range(len(ws)))
+    if not permute:
+        assert layout.order.tolist() == list(range(len(ws)))
+    stored = widths[layout.order]
+    assert torch.equal(layout.offsets[layout.order], torch.cumsum(stored, 0) - stored)
+    assert layout.slots in (4, 8, 16, 32) and layout.units == -(-len(ws) // layout.slots)
+    unit_bits = torch.zeros(layout.units, dtype=torch.long).index_add_(
+        0, torch.arange(len(ws)) // layout.slots, stored
+    )
+    assert int(unit_bits.max()) <= 32
+
+
+def test_waterfill_like_widths_fill_whole_words_with_eight_codes_each():
+    # 4 bits on average over 128 coordinates, widths falling from 6 to 2 as a spectrum gives them.
+    widths = torch.tensor([6] * 26 + [5] * 25 + [4] * 26 + [3] * 25 + [2] * 26)
+    layout = RecordLayout(widths)
+    assert (layout.slots, layout.units, layout.nbytes) == (8, 16, 64)
+    starts = layout.offsets[layout.order][:: layout.slots]
+    assert starts.tolist() == [32 * j for j in range(16)]
+    # In coordinate order the first 8 codes would need 48 bits: only units of 4 fit.
+    assert RecordLayout(widths, permute=False).slots == 4
 
 
 @given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31))
@@ -46,6 +81,8 @@ def test_per_head_widths_with_equal_totals_round_trip(heads, dim, seed):
     records = layout.pack(codes)
     assert records.shape == (5, heads, layout.nbytes)
     assert torch.equal(layout.unpack(records), codes)
+    for h in range(heads):  # each head's row is laid out as it would be alone
+        assert torch.equal(records[:, h], RecordLayout(widths[h]).pack(codes[:, h]))
 
 
 def test_unused_high_bits_of_last_byte_are_zero():

@@ -1,15 +1,27 @@
 """Attention and codec kernels over packed records, each with a pure-PyTorch reference beside it.
 
-``compressed_attention`` dispatches to the fused Triton kernel on CUDA when Triton is available,
-and to the reference elsewhere.
+The dispatchers run the Triton kernels on CUDA tensors when Triton is installed and the kernels
+support the inputs, and the PyTorch reference otherwise (CPU tensors; QJL quantizers; head dims
+that are not a power of two in [16, 256]; more than 128 query rows per KV head). The kernels
+themselves live in :mod:`.triton_codec` and :mod:`.triton_attention` (imported lazily, so the
+package works without Triton).
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ..compressed_kv import CompressedKV
+from ..quantizer import Encoded, Quantizer
 from .reference import compressed_attention_reference
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_for(t: torch.Tensor) -> bool:
+    return _HAS_TRITON and t.is_cuda
 
 
 def compressed_attention(
@@ -19,8 +31,36 @@ def compressed_attention(
     scaling: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of ``query [B, Hq, Lq, D]`` over a compressed cache (see the reference for the contract)."""
+    """Attention of ``query [B, Hq, Lq, D]`` over a compressed cache (contract: the reference):
+    the fused Triton kernel where it applies, else the reference."""
+    if _triton_for(query):
+        from .triton_attention import attention_unsupported_reason, compressed_attention_triton
+
+        if attention_unsupported_reason(query, kv) is None:
+            return compressed_attention_triton(query, kv, mask, scaling, softcap)
     return compressed_attention_reference(query, kv, mask, scaling, softcap)
 
 
-__all__ = ["compressed_attention", "compressed_attention_reference"]
+def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
+    """:meth:`Quantizer.encode` of ``x [..., H, D]``, by the Triton kernel where it applies."""
+    if _triton_for(x):
+        from .tables import unsupported_reason
+        from .triton_codec import encode as triton_encode
+
+        if unsupported_reason(quantizer) is None:
+            return triton_encode(quantizer, x)
+    return quantizer.encode(x)
+
+
+def decode(quantizer: Quantizer, enc: Encoded) -> torch.Tensor:
+    """:meth:`Quantizer.decode` of records ``[..., H, R]``, by the Triton kernel where it applies."""
+    if _triton_for(enc.records):
+        from .tables import unsupported_reason
+        from .triton_codec import decode as triton_decode
+
+        if unsupported_reason(quantizer) is None:
+            return triton_decode(quantizer, enc)
+    return quantizer.decode(enc)
+
+
+__all__ = ["compressed_attention", "compressed_attention_reference", "decode", "encode"]

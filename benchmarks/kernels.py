@@ -1,0 +1,485 @@
+"""Decode-attention, encode and end-to-end speed of the fused kernels on a CUDA GPU.
+
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), batch 1/8/32, context
+4k/32k/128k, 4-bit and 3-bit quantizers (random, calibrated on anisotropic Gaussians): per-layer
+time of bf16 ``scaled_dot_product_attention`` (GQA) vs the fused decode attention, bytes each must
+read, achieved bandwidth against a measured device copy, the record layout against the plain
+coordinate-order layout, encode throughput and encode time for a 32k prefill against that
+prefill's attention, and an end-to-end decode of a Llama-8B-shaped model with random weights.
+
+Timings: each input set is called once inside a CUDA graph that cycles through several input sets
+(so the cache does not hold them), the graph is replayed many times after warm-up, and the median
+replay time over the number of calls is reported ("graph", GPU time). "eager" is the median of
+single calls timed with CUDA events (includes Python launch overhead). Prints tables; writes JSON.
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from spectralquant.kernels import compressed_attention_reference
+from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer
+from spectralquant.kernels.triton_attention import compressed_attention_triton
+from spectralquant.kernels.triton_codec import encode
+from spectralquant.packing import RecordLayout
+
+HQ, HKV, DIM = 32, 8, 128
+WINDOW, SINKS = 64, 4
+L2_BYTES = 50 << 20
+DEVICE = "cuda"  # the end-to-end helpers' device (a CPU smoke run may change it)
+
+
+def graph_time_us(calls, reps: int = 30) -> float:
+    """Median GPU time per call (us) of ``calls`` (one per input set) replayed as one CUDA graph."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def eager_time_us(calls, reps: int = 30) -> float:
+    """Median time (us) of single calls, each between two CUDA events (launch overhead included)."""
+    for c in calls:
+        c()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls[i % len(calls)]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) over 2 GiB buffers."""
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    a.random_(0, 255)
+    b = torch.empty_like(a)
+    return 2 * (1 << 31) / (graph_time_us([lambda: b.copy_(a)], reps=20) * 1e-6)
+
+
+def fused_bytes(kv) -> int:
+    """Bytes the fused kernel must read: records and scales of K and V, window and sinks."""
+    n = sum(t.numel() * t.element_size() for e in (kv.key, kv.value) for t in e.tensors())
+    exact = [kv.window_keys, kv.window_values, kv.sink_keys, kv.sink_values]
+    return n + sum(t.numel() * t.element_size() for t in exact if t is not None)
+
+
+def sets_for(bytes_per_set: int, budget: int) -> int:
+    """Input sets to cycle through: together at least 3x the L2 cache, at least 2, within budget."""
+    want = max(2, min(8, math.ceil(3 * L2_BYTES / bytes_per_set)))
+    return min(want, budget // bytes_per_set)
+
+
+def quantizer_pair(bits: float, legacy: bool = False):
+    """Key and value quantizers of Llama-8B KV shape; ``legacy``: codes in coordinate order."""
+    pair = []
+    for seed in (0, 1):
+        q = random_quantizer(HKV, DIM, bits, seed=seed)
+        if legacy:
+            q.layout = RecordLayout(q.widths, permute=False)
+        pair.append(q)
+    return tuple(pair)
+
+
+def query(batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(batch, HQ, 1, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+
+
+def time_fused(pair, batch: int, context: int, budget: int, check: bool, **tuning) -> dict:
+    tc = context - WINDOW
+    probe = random_compressed_kv(batch, HKV, DIM, tc, WINDOW, SINKS, dtype=torch.bfloat16, device="cuda",
+                                 encode=False, quantizers=pair)
+    nbytes = fused_bytes(probe)
+    n = sets_for(nbytes, budget)
+    if n < 1:
+        return dict(skipped=f"needs {nbytes / 2**30:.1f} GiB per input set")
+    kvs = [probe] + [
+        random_compressed_kv(batch, HKV, DIM, tc, WINDOW, SINKS, dtype=torch.bfloat16, device="cuda", seed=i,
+                             encode=False, quantizers=pair)
+        for i in range(1, n)
+    ]
+    qs = [query(batch, i) for i in range(n)]
+    calls = [lambda q=q, kv=kv: compressed_attention_triton(q, kv, **tuning) for q, kv in zip(qs, kvs)]
+    row = dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
+    if check:
+        ref = compressed_attention_reference(qs[0], kvs[0])
+        got = compressed_attention_triton(qs[0], kvs[0], **tuning)
+        row["rel_err_vs_reference"] = float((got.double() - ref.double()).norm() / ref.double().norm())
+    return row
+
+
+def time_sdpa(batch: int, context: int, budget: int) -> dict:
+    nbytes = 2 * batch * HKV * context * DIM * 2
+    n = sets_for(nbytes, budget)
+    if n < 1:
+        return dict(skipped=f"needs {nbytes / 2**30:.1f} GiB per input set")
+    kv = [
+        (torch.randn(batch, HKV, context, DIM, device="cuda", dtype=torch.bfloat16),
+         torch.randn(batch, HKV, context, DIM, device="cuda", dtype=torch.bfloat16))
+        for _ in range(n)
+    ]
+    qs = [query(batch, i) for i in range(n)]
+    calls = [
+        lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for q, (k, v) in zip(qs, kv)
+    ]
+    return dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
+
+
+def tune(bits: float, budget: int, log) -> dict:
+    """Time a few block/warp settings at batch 8, 32k context; returns the fastest settings."""
+    pair = quantizer_pair(bits)
+    best, rows = None, []
+    for block_t, warps, per_sm in ((64, 4, 2), (64, 4, 8), (64, 8, 4), (32, 4, 8), (128, 8, 4)):
+        setting = dict(block_t=block_t, num_warps=warps, per_sm=per_sm)
+        try:
+            r = time_fused(pair, 8, 32768, budget, False, **setting)
+        except Exception as exc:  # a setting that does not compile on this GPU is skipped, not fatal
+            log(f"  tune bits={bits} {setting}: {type(exc).__name__}: {exc}")
+            continue
+        rows.append(dict(**setting, graph_us=r["graph_us"]))
+        log(f"  tune bits={bits} {setting}: {r['graph_us']:.1f} us")
+        if best is None or r["graph_us"] < best[0]:
+            best = (r["graph_us"], setting)
+        torch.cuda.empty_cache()
+    return dict(settings=rows, best=best[1])
+
+
+def attention_table(args, budget: int, copy_bw: float, log) -> list[dict]:
+    rows = []
+    for bits in args.bits:
+        tuning = args.tuned[bits]
+        pair = quantizer_pair(bits)
+        for batch in args.batches:
+            for context in args.contexts:
+                row = dict(bits=bits, batch=batch, context=context, tuning=tuning)
+                try:
+                    row["sdpa"] = time_sdpa(batch, context, budget)
+                    torch.cuda.empty_cache()
+                    row["fused"] = time_fused(pair, batch, context, budget, batch * context <= 8 * 32768, **tuning)
+                except torch.OutOfMemoryError as exc:
+                    row["skipped"] = f"out of memory: {exc}".split("\n")[0]
+                torch.cuda.empty_cache()
+                for kind in ("sdpa", "fused"):
+                    r = row.get(kind, {})
+                    if "graph_us" in r:
+                        r["bandwidth_TBps"] = r["bytes"] / (r["graph_us"] * 1e-6) / 1e12
+                        r["fraction_of_copy_bw"] = r["bytes"] / (r["graph_us"] * 1e-6) / copy_bw
+                if "graph_us" in row.get("sdpa", {}) and "graph_us" in row.get("fused", {}):
+                    row["speedup"] = row["sdpa"]["graph_us"] / row["fused"]["graph_us"]
+                log(format_row(row))
+                rows.append(row)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    s, f = row.get("sdpa", {}), row.get("fused", {})
+    head = f"{row['bits']:>4} {row['batch']:>5} {row['context']:>7}"
+    if "graph_us" not in s or "graph_us" not in f:
+        return f"{head}  skipped: {row.get('skipped') or s.get('skipped') or f.get('skipped')}"
+    err = f"{f['rel_err_vs_reference']:.1e}" if "rel_err_vs_reference" in f else "-"
+    return (
+        f"{head} {s['graph_us']:>10.1f} {f['graph_us']:>10.1f} {row['speedup']:>7.2f}x "
+        f"{s['bytes'] / 2**20:>9.1f} {f['bytes'] / 2**20:>9.1f} "
+        f"{s['bandwidth_TBps']:>6.2f} {f['bandwidth_TBps']:>6.2f} "
+        f"{100 * f['fraction_of_copy_bw']:>5.0f}% {s['eager_us']:>9.1f} {f['eager_us']:>9.1f} {err:>8}"
+    )
+
+
+TABLE_HEAD = (
+    "bits batch context    sdpa_us   fused_us speedup  sdpa_MiB fused_MiB sdpaTB/s fusTB/s  %copy "
+    "sdpa_eagr fusd_eagr   relerr"
+)
+
+
+def layout_comparison(args, budget: int, log) -> list[dict]:
+    """The same kernel on the permuted record layout vs codes in coordinate order (units of 4)."""
+    rows = []
+    for bits in args.bits:
+        for legacy in (False, True):
+            pair = quantizer_pair(bits, legacy=legacy)
+            r = time_fused(pair, 8, 32768, budget, True, **args.tuned[bits])
+            rows.append(dict(bits=bits, layout="coordinate order" if legacy else "permuted units",
+                             slots=pair[0].layout.slots, graph_us=r["graph_us"],
+                             rel_err_vs_reference=r["rel_err_vs_reference"]))
+            log(f"  layout bits={bits} {rows[-1]['layout']:>16} (slots {rows[-1]['slots']:>2}): "
+                f"{r['graph_us']:.1f} us, rel err {r['rel_err_vs_reference']:.1e}")
+            torch.cuda.empty_cache()
+    return rows
+
+
+def encode_benchmark(args, log) -> list[dict]:
+    """Encode throughput, and the K+V encode time of a 32k-token prefill vs its causal attention."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, HQ, 32768, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, 32768, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    prefill_us = graph_time_us([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)],
+                               reps=10)
+    log(f"  32k prefill attention (bf16 SDPA, causal, 1 sequence): {prefill_us / 1000:.2f} ms per layer")
+    for bits in args.bits:
+        kq, vq = (x.to("cuda") for x in quantizer_pair(bits))
+        for tokens in (32768, 8 * 32768):
+            xs = [torch.randn(tokens, HKV, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+            us = graph_time_us([lambda x=x, kq=kq: encode(kq, x) for x in xs], reps=10)
+            row = dict(bits=bits, tokens=tokens, encode_us=us, vectors_per_s=tokens * HKV / (us * 1e-6),
+                       input_GBps=tokens * HKV * DIM * 2 / (us * 1e-6) / 1e9)
+            if tokens == 32768:
+                both = us + graph_time_us([lambda x=x, vq=vq: encode(vq, x) for x in xs], reps=10)
+                row.update(prefill_attention_us=prefill_us, kv_encode_us=both, fraction_of_prefill=both / prefill_us)
+                ref_us = eager_time_us([lambda x=xs[0], kq=kq: kq.encode(x)], reps=3)
+                row["reference_encode_us"] = ref_us
+            rows.append(row)
+            log(f"  encode bits={bits} tokens={tokens}: {us:.0f} us, {row['vectors_per_s'] / 1e9:.2f} G vectors/s"
+                + (f"; K+V {row['kv_encode_us']:.0f} us = {100 * row['fraction_of_prefill']:.2f}% of prefill attention"
+                   f" (torch reference encode of K: {row['reference_encode_us']:.0f} us)" if tokens == 32768 else ""))
+    return rows
+
+
+CONTEXT_E2E = 32768
+
+
+def synthetic_calibration(layers: int):
+    """A Llama-8B-shaped calibration (8 KV heads, head_dim 128) from anisotropic Gaussians."""
+    from spectralquant.calibration import Calibration, LayerCalibration, ModelSignature
+    from spectralquant.synthetic import anisotropic_gaussian
+
+    _, keys = anisotropic_gaussian(8, HKV, DIM, seed=0)
+    _, values = anisotropic_gaussian(8, HKV, DIM, seed=1)
+    signature = ModelSignature(layers, [HKV] * layers, [DIM] * layers, model_type="llama")
+    return Calibration(signature, [LayerCalibration(keys, values) for _ in range(layers)])
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def fill_compressed(cache, batch: int, context: int) -> None:
+    """Put ``context`` tokens of random records (and random window and sinks) in every layer."""
+    from spectralquant.quantizer import Encoded
+
+    for layer in cache.layers:
+        seed = torch.zeros(batch, HKV, 1, DIM, device=DEVICE, dtype=torch.bfloat16)
+        layer.lazy_initialization(seed, seed)
+        held = context - layer.window
+        for kind, store in (("key", layer.k_store), ("value", layer.v_store)):
+            r = getattr(layer.codec, kind).record_bytes
+            records = torch.randint(0, 256, (batch, held, HKV, r), dtype=torch.uint8, device=DEVICE)
+            store.append(Encoded(records, (0.5 + torch.rand(batch, held, HKV, device=DEVICE)).half()))
+            del records
+        layer.keys = torch.randn(batch, HKV, layer.window, DIM, device=DEVICE, dtype=torch.bfloat16)
+        layer.values = torch.randn_like(layer.keys)
+        layer.sink_keys.normal_()
+        layer.sink_values.normal_()
+        layer.cumulative_length = context
+
+
+def fill_dynamic(model, batch: int, context: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i in range(model.config.num_hidden_layers):
+        k = torch.randn(batch, HKV, context, DIM, device=DEVICE, dtype=torch.bfloat16)
+        cache.update(k, torch.randn_like(k), i)
+        del k
+    return cache
+
+
+def decode_rate(model, cache, batch: int, context: int, steps: int = 40) -> float:
+    """Tokens per second of ``steps`` greedy decode steps after 3 warm-up steps (eager, as
+    ``generate`` runs them)."""
+    ids = torch.randint(0, 90, (batch, 1), device=DEVICE)
+    with torch.no_grad():
+        for i in range(steps + 3):
+            if i == 3:
+                sync()
+                start = time.time()
+            pos = torch.full((batch, 1), context + i, device=DEVICE)
+            logits = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits
+            ids = logits[:, -1:].argmax(-1)
+        sync()
+    return batch * steps / (time.time() - start)
+
+
+def end_to_end(layers: int, log) -> dict:
+    """Decode tokens/s of a Llama-8B-shaped model (random bf16 weights) at 32k context: FP16
+    DynamicCache vs the fused compressed cache at the same batch, and the largest batch whose cache
+    fits in the same GPU memory for each (computed from the bytes each holds per sequence, then
+    checked by running decode steps at that batch)."""
+    from spectralquant.adapters import find_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import spectralquant as sq
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=DIM, max_position_embeddings=131072,
+        rope_theta=500000.0,
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = torch.cuda.get_device_properties(0).total_memory
+    out = dict(layers=layers, context=CONTEXT_E2E, weights_GiB=weights / 2**30, total_GiB=total / 2**30)
+    log(f"  model: {layers} layers, {weights / 2**30:.1f} GiB of bf16 weights; GPU {total / 2**30:.1f} GiB")
+    batch = 8
+
+    def fits(make_cache, per_seq: int, activation: int, name: str) -> dict:
+        usable = total - weights - (2 << 30)
+        guess = int(usable // (per_seq + activation))
+        for _ in range(4):
+            try:
+                cache = make_cache(guess)
+                rate = decode_rate(model, cache, guess, CONTEXT_E2E, steps=2)
+                del cache
+                torch.cuda.empty_cache()
+                log(f"  {name}: max batch {guess} runs ({rate:.0f} tokens/s over 2 steps)")
+                return dict(max_batch=guess, tokens_per_s_at_max=rate, per_sequence_MiB=per_seq / 2**20)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                guess = int(guess * 0.95)
+        return dict(max_batch=None, per_sequence_MiB=per_seq / 2**20)
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cache = fill_dynamic(model, batch, CONTEXT_E2E)
+    held = torch.cuda.memory_allocated() - base
+    rate = decode_rate(model, cache, batch, CONTEXT_E2E)
+    act = max(0, torch.cuda.max_memory_allocated() - base - held) // batch
+    del cache
+    torch.cuda.empty_cache()
+    per_seq = 2 * layers * HKV * CONTEXT_E2E * DIM * 2
+    out["fp16"] = dict(tokens_per_s=rate, **fits(lambda b: fill_dynamic(model, b, CONTEXT_E2E), per_seq, act, "fp16"))
+    log(f"  fp16 DynamicCache, batch {batch}: {rate:.0f} tokens/s")
+
+    calib = synthetic_calibration(layers)
+    for preset in ("standard", "high"):
+        sq.wrap(model, calib, preset=preset, fused=True)
+        make = find_adapter(model).state().make_cache
+
+        def compressed(b: int, make=make):
+            c = make()
+            fill_compressed(c, b, CONTEXT_E2E)
+            return c
+
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        cache = compressed(batch)
+        held = torch.cuda.memory_allocated() - base
+        stats = cache.compression_stats()
+        rate = decode_rate(model, cache, batch, CONTEXT_E2E)
+        act = max(0, torch.cuda.max_memory_allocated() - base - held) // batch
+        del cache
+        torch.cuda.empty_cache()
+        row = dict(tokens_per_s=rate, ratio=stats.ratio, **fits(compressed, stats.held_bytes // batch, act, preset))
+        row["speedup_vs_fp16"] = rate / out["fp16"]["tokens_per_s"]
+        if row["max_batch"] and out["fp16"]["max_batch"]:
+            row["max_batch_vs_fp16"] = row["max_batch"] / out["fp16"]["max_batch"]
+        out[preset] = row
+        log(f"  {preset} ({stats.ratio:.2f}x smaller), batch {batch}: {rate:.0f} tokens/s "
+            f"({row['speedup_vs_fp16']:.2f}x fp16); max batch {row['max_batch']} vs fp16 {out['fp16']['max_batch']}")
+        sq.unwrap(model)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/kernels.json")
+    parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--sections", nargs="+", default=["tune", "attention", "layout", "encode", "e2e"])
+    parser.add_argument("--e2e-layers", type=int, default=32)
+    parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    props = torch.cuda.get_device_properties(0)
+    result = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__)
+    import transformers
+    import triton
+
+    result.update(triton=triton.__version__, transformers=transformers.__version__)
+    budget = int(args.budget_gib * 2**30)
+    start = time.time()
+
+    def save() -> None:
+        result["log"] = lines
+        result["seconds"] = time.time() - start
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+    copy_bw = copy_bandwidth()
+    torch.cuda.empty_cache()
+    result["copy_bandwidth_TBps"] = copy_bw / 1e12
+    log(f"{props.name}: {props.multi_processor_count} SMs; device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
+    args.tuned = {b: dict(block_t=64, num_warps=4, per_sm=4) for b in args.bits}
+    sections = [
+        ("tune", lambda: {b: tune(b, budget, log) for b in args.bits}),
+        ("attention", lambda: attention_table(args, budget, copy_bw, log)),
+        ("layout", lambda: layout_comparison(args, budget, log)),
+        ("encode", lambda: encode_benchmark(args, log)),
+        ("e2e", lambda: end_to_end(args.e2e_layers, log)),
+    ]
+    for name, fn in sections:
+        if name not in args.sections:
+            continue
+        log(f"== {name}" + (f"\n{TABLE_HEAD}" if name == "attention" else ""))
+        try:
+            result[name] = fn()
+            if name == "tune":
+                args.tuned = {b: r["best"] for b, r in result[name].items()}
+        except Exception:
+            log(traceback.format_exc())
+            result[name] = dict(error=traceback.format_exc())
+        torch.cuda.empty_cache()
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Per-quantizer tables the Triton kernels read: how to pull each code out of a record, the
+codebooks as flat lookup tables, and the rotation in the records' stored coordinate order.
+
+Kernels work in *stored order* (position ``p`` holds coordinate ``layout.order[h, p]``), grouped
+into ``units`` of ``slots`` consecutive codes that each span at most 32 bits
+(:mod:`spectralquant.packing`). Unit ``j`` starts at bit ``unit_word * 32 + unit_shift`` of the
+record; its slot ``s`` code is ``(unit >> slot_shift) & slot_mask``. The flat codebook of a head
+holds the ``b``-bit levels at ``[2**b, 2**(b+1))``, so a code's entry is ``code | (slot_mask + 1)``
+(one bitwise op; entry 1 is the 0-bit level). ``basis_p [H, D, D]`` holds the basis columns in
+stored order, ``sigma_p [H, D]`` the matching per-coordinate scales.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..packing import UNIT_BITS, RecordLayout, word_aligned
+from ..quantizer import Quantizer
+
+MIN_DIM, MAX_DIM = 16, 256
+
+
+@dataclass
+class KernelTables:
+    """Everything a kernel needs about one quantizer, on the quantizer's device (see module doc).
+
+    Shapes: ``unit_word``/``unit_shift`` int32 ``[H, NU]``; ``slot_shift``/``slot_mask`` int32
+    ``[H, D]`` (stored order); ``levels16``/``levels32``/``bounds`` ``[H, L]`` with
+    ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``mean [H, D]``,
+    ``norm_ref [H]`` float32.
+    """
+
+    heads: int
+    dim: int
+    slots: int
+    units: int
+    words: int
+    record_bytes: int
+    aligned: bool  # unit j is exactly word j
+    crosses: bool  # some unit straddles two words
+    max_width: int
+    scaled: bool
+    unit_word: torch.Tensor
+    unit_shift: torch.Tensor
+    slot_shift: torch.Tensor
+    slot_mask: torch.Tensor
+    levels16: torch.Tensor
+    levels32: torch.Tensor
+    bounds: torch.Tensor
+    basis_p: torch.Tensor
+    sigma_p: torch.Tensor
+    mean: torch.Tensor
+    norm_ref: torch.Tensor
+
+    @property
+    def table_size(self) -> int:
+        return self.levels32.shape[-1]
+
+
+def unsupported_reason(quantizer: Quantizer) -> str | None:
+    """Why the Triton kernels cannot run this quantizer (then callers use the PyTorch reference),
+    or None if they can."""
+    d = quantizer.dim
+    if quantizer.config.qjl_dims:
+        return "the QJL sketch is not implemented in the kernels"
+    if not (MIN_DIM <= d <= MAX_DIM and word_aligned(d)):
+        return f"head_dim {d} is not a power of two in [{MIN_DIM}, {MAX_DIM}]"
+    if quantizer.layout.total_bits == 0:
+        return "records are empty (0 bits per vector)"
+    return None
+
+
+def layout_tables(layout: RecordLayout) -> dict[str, torch.Tensor | int | bool]:
+    """Unit and slot tables of a layout whose widths are ``[H, D]`` with ``D = units * slots``."""
+    widths, order, offsets = layout.widths, layout.order, layout.offsets
+    h, d = widths.shape
+    if layout.units * layout.slots != d:
+        raise ValueError(f"layout has {layout.units} units of {layout.slots} slots for {d} coordinates")
+    w_p = torch.gather(widths, 1, order)
+    o_p = torch.gather(offsets, 1, order)
+    start = o_p[:, :: layout.slots]  # [H, NU] first bit of each unit
+    unit_bits = w_p.reshape(h, layout.units, layout.slots).sum(-1)
+    rel = o_p - start.repeat_interleave(layout.slots, 1)
+    words = layout.words
+    return dict(
+        unit_word=(start // UNIT_BITS).to(torch.int32),
+        unit_shift=(start % UNIT_BITS).to(torch.int32),
+        slot_shift=torch.where(w_p > 0, rel, 0).to(torch.int32),
+        slot_mask=((1 << w_p) - 1).to(torch.int32),
+        aligned=bool(words == layout.units and (start == UNIT_BITS * torch.arange(layout.units)).all()),
+        crosses=bool(((start % UNIT_BITS) + unit_bits > UNIT_BITS).any()),
+        words=words,
+    )
+
+
+def _flat_codebooks(quantizer: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels and boundaries ``[H, 2**(max_width+1)]`` (float32): width ``b`` at ``[2**b, 2**(b+1))``.
+    Boundaries are computed exactly as :meth:`Quantizer.encode` computes them (float32 midpoints)."""
+    units = quantizer.unit_levels.float().cpu()
+    h = units.shape[0]
+    top = int(quantizer.widths.max())
+    size = 2 ** (top + 1)
+    levels = torch.zeros(h, size)
+    bounds = torch.full((h, size), math.inf)
+    for b in range(top + 1):
+        row = units[:, b, : 2**b]
+        levels[:, 2**b : 2 ** (b + 1)] = row
+        bounds[:, 2**b : 2 ** (b + 1) - 1] = 0.5 * (row[:, 1:] + row[:, :-1])
+    return levels, bounds
+
+
+def build_tables(quantizer: Quantizer) -> KernelTables:
+    """The kernel tables of ``quantizer`` (raises ``ValueError`` if the kernels cannot run it)."""
+    reason = unsupported_reason(quantizer)
+    if reason:
+        raise ValueError(f"the Triton kernels cannot run this quantizer: {reason}; use the reference path")
+    layout = quantizer.layout
+    device = quantizer.basis.device
+    order = layout.order.to(device)
+    levels, bounds = _flat_codebooks(quantizer)
+    lt = layout_tables(layout)
+    trace = quantizer.trace.float()
+    on = {k: v.to(device).contiguous() if isinstance(v, torch.Tensor) else v for k, v in lt.items()}
+    return KernelTables(
+        heads=quantizer.heads,
+        dim=quantizer.dim,
+        slots=layout.slots,
+        units=layout.units,
+        words=on.pop("words"),
+        record_bytes=layout.nbytes,
+        aligned=on.pop("aligned"),
+        crosses=on.pop("crosses"),
+        max_width=int(quantizer.widths.max()),
+        scaled=quantizer.config.scale,
+        **on,
+        levels16=levels.to(device, torch.float16),
+        levels32=levels.to(device),
+        bounds=bounds.to(device),
+        basis_p=torch.gather(quantizer.basis, 2, order[:, None, :].expand_as(quantizer.basis)).contiguous(),
+        sigma_p=torch.gather(quantizer.sigma, 1, order).contiguous(),
+        mean=quantizer.mean.to(device).float().contiguous(),
+        norm_ref=torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt().to(device),
+    )
+
+
+_CACHE: weakref.WeakKeyDictionary[Quantizer, KernelTables] = weakref.WeakKeyDictionary()
+
+
+def tables_of(quantizer: Quantizer) -> KernelTables:
+    """Cached :func:`build_tables` (built once per quantizer object)."""
+    tables = _CACHE.get(quantizer)
+    if tables is None:
+        tables = _CACHE[quantizer] = build_tables(quantizer)
+    return tables

@@ -1,0 +1,357 @@
+"""Fused decode attention over a :class:`CompressedKV`, flash-decoding style, in two launches.
+
+Reference: :func:`~spectralquant.kernels.reference.compressed_attention_reference`.
+
+1. ``_split_kernel``, grid ``(splits + 1, H, B)``: program ``(s, h, b)`` with ``s < splits`` runs
+   an online softmax over one chunk of the compressed history of KV head ``h`` for all ``G * Lq``
+   query rows that share it (GQA: every record is read once). Keys are never decoded: the query
+   is rotated once into the key basis in stored order and scaled by sigma (``q_s``), so
+   ``q.k = scale_t * (q_s . u_t) + q.mean`` with ``u_t`` the unit-codebook levels of the record,
+   looked up from the codes and fed to a tensor-core dot in fp16. Values accumulate
+   ``p_t * scale_t * u_t`` in the same unit basis. Sink positions are skipped here. Program
+   ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window) in the natural basis.
+2. ``_combine_kernel``, grid ``(H, B)``: merges the partial softmaxes, multiplies the compressed
+   part by sigma and rotates it back once (``x = V z + mean`` summed over probabilities), adds
+   the exact part and normalizes.
+
+Limits (the dispatcher falls back to the reference outside them): quantizers the kernels
+support (:func:`~spectralquant.kernels.tables.unsupported_reason`), ``G * Lq <= 128``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..compressed_kv import CompressedKV
+from .tables import KernelTables, tables_of, unsupported_reason
+from .triton_codec import load_slot_tables, load_units, unit_levels
+
+LOG2E = 1.4426950408889634
+MAX_ROWS = 128  # G * Lq query rows per program
+CHUNK = 32  # rotations are done in chunks of this many coordinates
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step on log2-domain scores ``s [M, N]`` (-inf = masked): returns the new
+    running max and sum, the rescale factor of the old accumulator, and the probabilities."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
+def _finish_scores(s, SOFTCAP: tl.constexpr, softcap):
+    """Scores in natural units (if soft-capped) to log2 units; otherwise already log2."""
+    if SOFTCAP:
+        # softcap * tanh(s / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1).
+        s = softcap * (1.0 - 2.0 / (tl.exp2((2.0 * 1.4426950408889634 / softcap) * s) + 1.0))
+        s = s * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _load_scales(ptr, offsets, ok, SCALED: tl.constexpr):
+    """Per-token fp16 scales as float32 (ones when the quantizer stores none)."""
+    if SCALED:
+        return tl.load(ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    return tl.full(offsets.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _mask_cols(MASK, smb, sml, smt, b, l, cols, col_ok, row_ok, HAS_MASK: tl.constexpr):
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_MASK:
+        ptr = MASK + b.to(tl.int64) * smb + l[:, None] * sml + cols[None, :].to(tl.int64) * smt
+        ok = ok & (tl.load(ptr, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _split_kernel(
+    Q, sqb, sqh, sql,
+    KR, skb, skh, skt, KSC, sksb, sksh, skst,
+    VR, svb, svh, svt, VSC, svsb, svsh, svst,
+    WK, swkb, swkh, swkt, WV, swvb, swvh, swvt,
+    SK, sskb, sskh, sskt, SV, ssvb, ssvh, ssvt, SPOS,
+    MASK, smb, sml, smt,
+    K_UW, K_USH, K_SSH, K_SMASK, K_LUT, K_BASIS, K_SIGMA, K_MEAN,
+    V_UW, V_USH, V_SSH, V_SMASK, V_LUT,
+    PACC, PM, PL,
+    n_compressed, n_window, n_sinks, n_splits, split_len, qk_scale, softcap,
+    K_LUTN: tl.constexpr, V_LUTN: tl.constexpr,
+    G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+    K_S: tl.constexpr, K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
+    V_S: tl.constexpr, V_NU: tl.constexpr, V_NW: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr,
+    K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    n_heads = tl.num_programs(1)
+    m = tl.arange(0, M)
+    row_ok = m < G * LQ
+    g = m // LQ
+    l = m % LQ
+    d = tl.arange(0, D)
+    b64 = b.to(tl.int64)
+    q_rows = Q + b64 * sqb + (h * G + g).to(tl.int64) * sqh + l * sql
+    sink_lo = tl.load(SPOS + b).to(tl.int32)
+    m_i = tl.full((M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((M,), tl.float32)
+    acc = tl.zeros((M, D), tl.float32)
+    if split < n_splits:
+        # Query rotated into the key basis (stored order) and scaled by sigma; q.mean separately.
+        qs = tl.zeros((M, D), tl.float32)
+        qm = tl.zeros((M,), tl.float32)
+        for k0 in tl.static_range(0, D, KC):
+            k = k0 + tl.arange(0, KC)
+            qc = tl.load(q_rows[:, None] + k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            qs += tl.dot(qc, tl.load(K_BASIS + h * D * D + k[:, None] * D + d[None, :]))
+            qm += tl.sum(qc * tl.load(K_MEAN + h * D + k)[None, :], 1)
+        qs = (qs * (tl.load(K_SIGMA + h * D + d)[None, :] * qk_scale)).to(tl.float16)
+        qm = qm * qk_scale
+        k_uw, k_ush, k_ssh, k_smask = load_slot_tables(
+            K_UW + h * K_NU, K_USH + h * K_NU, K_SSH + h * D, K_SMASK + h * D, K_NU, K_S
+        )
+        v_uw, v_ush, v_ssh, v_smask = load_slot_tables(
+            V_UW + h * V_NU, V_USH + h * V_NU, V_SSH + h * D, V_SMASK + h * D, V_NU, V_S
+        )
+        k_rec = KR + b64 * skb + h.to(tl.int64) * skh
+        v_rec = VR + b64 * svb + h.to(tl.int64) * svh
+        k_sc = KSC + b64 * sksb + h * sksh
+        v_sc = VSC + b64 * svsb + h * svsh
+        start = split * split_len
+        end = tl.minimum(start + split_len, n_compressed)
+        # Software pipelining by hand: the records of block i+1 are loaded while block i is worked on.
+        t = start + tl.arange(0, BT)
+        t_ok = t < end
+        t64 = t.to(tl.int64)
+        k_lo, k_hi = load_units(k_rec, t64 * skt, t_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
+        v_lo, v_hi = load_units(v_rec, t64 * svt, t_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
+        ksc = _load_scales(k_sc, t64 * skst, t_ok, K_SCALED)
+        vsc = _load_scales(v_sc, t64 * svst, t_ok, V_SCALED)
+        for t0 in range(start, end, BT):
+            t = t0 + tl.arange(0, BT)
+            t_ok = t < end
+            nt = t + BT
+            nt_ok = nt < end
+            nt64 = nt.to(tl.int64)
+            k_lo_n, k_hi_n = load_units(k_rec, nt64 * skt, nt_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
+            v_lo_n, v_hi_n = load_units(v_rec, nt64 * svt, nt_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
+            ksc_n = _load_scales(k_sc, nt64 * skst, nt_ok, K_SCALED)
+            vsc_n = _load_scales(v_sc, nt64 * svst, nt_ok, V_SCALED)
+            uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, K_LUT + h * K_LUTN, K_NU, K_S, K_ALIGNED, K_CROSSES)
+            s = tl.dot(qs, tl.trans(uk))
+            s = s * ksc[None, :]
+            s = _finish_scores(s + qm[:, None], SOFTCAP, softcap)
+            not_sink = (t < sink_lo) | (t >= sink_lo + n_sinks)
+            ok = _mask_cols(MASK, smb, sml, smt, b, l, t, t_ok & not_sink, row_ok, HAS_MASK)
+            m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
+            uv = unit_levels(v_lo, v_hi, v_ush, v_ssh, v_smask, V_LUT + h * V_LUTN, V_NU, V_S, V_ALIGNED, V_CROSSES)
+            p = p * vsc[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), uv)
+            k_lo, k_hi, v_lo, v_hi, ksc, vsc = k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n
+    else:
+        # Exact tokens in the natural basis: the window, then the sinks that replace compressed slots.
+        q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        for w0 in range(0, n_window, BW):
+            w = w0 + tl.arange(0, BW)
+            w_ok = w < n_window
+            w64 = w.to(tl.int64)
+            kw = tl.load(WK + b64 * swkb + h * swkh + w64[:, None] * swkt + d[None, :], mask=w_ok[:, None], other=0.0)
+            s = _finish_scores(tl.dot(q, tl.trans(kw.to(tl.float32))) * qk_scale, SOFTCAP, softcap)
+            ok = _mask_cols(MASK, smb, sml, smt, b, l, n_compressed + w, w_ok, row_ok, HAS_MASK)
+            m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
+            vw = tl.load(WV + b64 * swvb + h * swvh + w64[:, None] * swvt + d[None, :], mask=w_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, vw.to(tl.float32))
+        if n_sinks > 0:
+            j = tl.arange(0, BW)
+            pos = sink_lo + j
+            j_ok = (j < n_sinks) & (pos < n_compressed)
+            j64 = j.to(tl.int64)
+            ks = tl.load(SK + b64 * sskb + h * sskh + j64[:, None] * sskt + d[None, :], mask=j_ok[:, None], other=0.0)
+            s = _finish_scores(tl.dot(q, tl.trans(ks.to(tl.float32))) * qk_scale, SOFTCAP, softcap)
+            ok = _mask_cols(MASK, smb, sml, smt, b, l, pos, j_ok, row_ok, HAS_MASK)
+            m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
+            vs = tl.load(SV + b64 * ssvb + h * ssvh + j64[:, None] * ssvt + d[None, :], mask=j_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, vs.to(tl.float32))
+    part = ((b64 * n_heads + h) * (n_splits + 1) + split) * (G * LQ)
+    tl.store(PM + part + m, m_i, mask=row_ok)
+    tl.store(PL + part + m, l_i, mask=row_ok)
+    tl.store(PACC + (part + m)[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    PACC, PM, PL, V_BASIS, V_SIGMA, V_MEAN, O, sob, soh, sol, n_splits,
+    G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr, KC: tl.constexpr, SB: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    n_heads = tl.num_programs(0)
+    m = tl.arange(0, M)
+    row_ok = m < G * LQ
+    d = tl.arange(0, D)
+    first = (b.to(tl.int64) * n_heads + h) * (n_splits + 1)
+    kb = tl.arange(0, SB)
+    # Partials are read SB splits at a time, so their loads are in flight together.
+    top = tl.full((M,), float("-inf"), tl.float32)
+    for k0 in range(0, n_splits + 1, SB):
+        k = k0 + kb
+        ok = (k < n_splits + 1)[:, None] & row_ok[None, :]
+        mk = tl.load(PM + (first + k)[:, None] * (G * LQ) + m[None, :], mask=ok, other=float("-inf"))
+        top = tl.maximum(top, tl.max(mk, 0))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    l_hist = tl.zeros((M,), tl.float32)
+    for k0 in range(0, n_splits, SB):
+        k = k0 + kb
+        rows = (first + k)[:, None] * (G * LQ) + m[None, :]
+        ok = (k < n_splits)[:, None] & row_ok[None, :]
+        weight = tl.exp2(tl.load(PM + rows, mask=ok, other=float("-inf")) - top[None, :])
+        l_hist += tl.sum(weight * tl.load(PL + rows, mask=ok, other=0.0), 0)
+    exact = (first + n_splits) * (G * LQ) + m
+    w_exact = tl.exp2(tl.load(PM + exact, mask=row_ok, other=float("-inf")) - top)
+    l_all = l_hist + w_exact * tl.load(PL + exact, mask=row_ok, other=0.0)
+    out = l_hist[:, None] * tl.load(V_MEAN + h * D + d)[None, :]
+    out += w_exact[:, None] * tl.load(PACC + exact[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    for c0 in tl.static_range(0, D, KC):
+        c = c0 + tl.arange(0, KC)
+        z = tl.zeros((M, KC), tl.float32)
+        for k0 in range(0, n_splits, SB):
+            k = k0 + kb
+            rows = (first + k)[:, None] * (G * LQ) + m[None, :]
+            ok = (k < n_splits)[:, None] & row_ok[None, :]
+            weight = tl.exp2(tl.load(PM + rows, mask=ok, other=float("-inf")) - top[None, :])
+            part = tl.load(PACC + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
+            z += tl.sum(weight[:, :, None] * part, 0)
+        z = z * tl.load(V_SIGMA + h * D + c)[None, :]
+        out += tl.dot(z, tl.load(V_BASIS + h * D * D + d[None, :] * D + c[:, None]))  # [KC, D] = basis_p^T
+    out = tl.where(l_all[:, None] > 0, out / tl.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
+    g = m // LQ
+    l = m % LQ
+    ptr = O + b.to(tl.int64) * sob + (h * G + g).to(tl.int64)[:, None] * soh + l[:, None] * sol + d[None, :]
+    tl.store(ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def attention_unsupported_reason(query: torch.Tensor, kv: CompressedKV) -> str | None:
+    """Why :func:`compressed_attention_triton` cannot take these inputs, or None if it can."""
+    for q in (kv.key_quantizer, kv.value_quantizer):
+        reason = unsupported_reason(q)
+        if reason:
+            return reason
+    b, hq, lq, d = query.shape
+    h = kv.key_quantizer.heads
+    if hq % h:
+        return f"{hq} query heads cannot share {h} KV heads"
+    if (hq // h) * lq > MAX_ROWS:
+        return f"{hq // h} query heads per KV head x {lq} query tokens exceeds {MAX_ROWS} rows"
+    if d != kv.key_quantizer.dim or d != kv.value_quantizer.dim:
+        return "query, key and value head dims differ"
+    return None
+
+
+def _splits(
+    n_compressed: int, rows: int, block: int, device: torch.device, min_blocks: int, per_sm: int
+) -> tuple[int, int]:
+    """(number of splits, tokens per split): about ``per_sm`` programs per multiprocessor (several
+    waves keep the last one short), each with at least ``min_blocks`` blocks of ``block`` tokens."""
+    blocks = triton.cdiv(n_compressed, block)
+    if blocks == 0:
+        return 0, block
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(1, min(triton.cdiv(per_sm * sms, rows), triton.cdiv(blocks, min_blocks)))
+    per = triton.cdiv(blocks, want)
+    return triton.cdiv(blocks, per), per * block
+
+
+def _words(records: torch.Tensor) -> torch.Tensor:
+    """uint8 records ``[B, H, T, R]`` (R a multiple of 4) as int32 words ``[B, H, T, R/4]``, no copy."""
+    if records.stride(-1) != 1 or records.storage_offset() % 4 or any(s % 4 for s in records.stride()[:-1]):
+        records = records.contiguous()
+    return records.view(torch.int32)
+
+
+def compressed_attention_triton(
+    query: torch.Tensor,
+    kv: CompressedKV,
+    mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    min_blocks: int = 4,
+    per_sm: int = 4,
+) -> torch.Tensor:
+    """Fused attention of ``query [B, Hq, Lq, D]`` over ``kv`` (contract: the reference).
+    ``block_t`` (tokens per step), ``num_warps``, ``min_blocks`` (blocks per split) and ``per_sm``
+    (programs per multiprocessor) tune it."""
+    reason = attention_unsupported_reason(query, kv)
+    if reason:
+        raise ValueError(f"the fused kernel cannot run this attention: {reason}; use compressed_attention")
+    kt: KernelTables = tables_of(kv.key_quantizer)
+    vt: KernelTables = tables_of(kv.value_quantizer)
+    b, hq, lq, d = query.shape
+    h = kt.heads
+    g = hq // h
+    rows = g * lq
+    m_rows = max(16, triton.next_power_of_2(rows))
+    tc = kv.compressed_length
+    n_window = kv.window_keys.shape[2]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    bt = block_t or (64 if d <= 128 else 32)
+    n_splits, split_len = _splits(tc, b * h, bt, query.device, min_blocks, per_sm)
+    kw, vw = _words(kv.key.records), _words(kv.value.records)
+    ksc = kv.key.scales if kt.scaled else kv.window_keys
+    vsc = kv.value.scales if vt.scaled else kv.window_keys
+    n_sinks = kv.sink_keys.shape[2] if kv.sink_keys is not None else 0
+    sk = kv.sink_keys if n_sinks else kv.window_keys
+    sv = kv.sink_values if n_sinks else kv.window_values
+    if mask is not None:
+        if mask.shape != (b, lq, kv.length):
+            raise ValueError(f"mask must be [B, Lq, Tc + W] = {(b, lq, kv.length)}, got {tuple(mask.shape)}")
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+        mask_strides = mask_arg.stride()
+    else:
+        mask_arg, mask_strides = query, (0, 0, 0)
+    scale = d**-0.5 if scaling is None else scaling
+    qk_scale = scale if softcap is not None else scale * LOG2E
+    parts = n_splits + 1
+    pacc = torch.empty(b, h, parts, rows, d, dtype=torch.float32, device=query.device)
+    pm = torch.empty(b, h, parts, rows, dtype=torch.float32, device=query.device)
+    pl = torch.empty_like(pm)
+    out = torch.empty_like(query)
+    kc = min(CHUNK, d)
+    _split_kernel[(parts, h, b)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        kw, kw.stride(0), kw.stride(1), kw.stride(2), ksc, *ksc.stride()[:3],
+        vw, vw.stride(0), vw.stride(1), vw.stride(2), vsc, *vsc.stride()[:3],
+        kv.window_keys, *kv.window_keys.stride()[:3], kv.window_values, *kv.window_values.stride()[:3],
+        sk, *sk.stride()[:3], sv, *sv.stride()[:3], kv.sink_pos,
+        mask_arg, *mask_strides,
+        kt.unit_word, kt.unit_shift, kt.slot_shift, kt.slot_mask, kt.levels16, kt.basis_p, kt.sigma_p, kt.mean,
+        vt.unit_word, vt.unit_shift, vt.slot_shift, vt.slot_mask, vt.levels16,
+        pacc, pm, pl,
+        tc, n_window, n_sinks, n_splits, split_len, qk_scale, softcap if softcap is not None else 1.0,
+        K_LUTN=kt.table_size, V_LUTN=vt.table_size,
+        G=g, LQ=lq, M=m_rows, D=d,
+        K_S=kt.slots, K_NU=kt.units, K_NW=kt.words, K_ALIGNED=kt.aligned, K_CROSSES=kt.crosses,
+        V_S=vt.slots, V_NU=vt.units, V_NW=vt.words, V_ALIGNED=vt.aligned, V_CROSSES=vt.crosses,
+        K_SCALED=kt.scaled, V_SCALED=vt.scaled, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
+        BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
+        num_warps=num_warps or (4 if m_rows <= 64 else 8),
+    )
+    _combine_kernel[(h, b)](
+        pacc, pm, pl, vt.basis_p, vt.sigma_p, vt.mean, out, out.stride(0), out.stride(1), out.stride(2), n_splits,
+        G=g, LQ=lq, M=m_rows, D=d, KC=kc, SB=8, num_warps=4,
+    )
+    return out
+
+
+__all__ = ["attention_unsupported_reason", "compressed_attention_triton"]

@@ -1,0 +1,196 @@
+"""Triton encode and decode of packed records, all heads of a layer in one launch.
+
+References: :meth:`Quantizer.encode` and :meth:`Quantizer.decode` (the kernels compute the same
+function; a code may differ by one where a value sits within rounding of a codebook boundary,
+since the rotation sums in another order). Both take token-major tensors ``[..., H, D]`` /
+``[..., H, R]`` as the quantizer does. QJL quantizers are not supported (see
+:func:`~spectralquant.kernels.tables.unsupported_reason`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quantizer import Encoded, Quantizer
+from .tables import KernelTables, tables_of
+
+BLOCK_N = 32  # vectors per program
+CHUNK = 32  # rotation is done in chunks of this many input coordinates
+
+
+@triton.jit
+def load_units(rec_ptr, row, row_ok, unit_word, NU: tl.constexpr, NW: tl.constexpr, ALIGNED: tl.constexpr,
+               CROSSES: tl.constexpr):
+    """The raw 32-bit words holding each unit of the records that start at word offsets ``row [R]``
+    of ``rec_ptr``: ``(lo, hi)``, each ``[R, NU]`` int32 (``hi`` is ``lo`` unless units straddle
+    words). Rows where ``row_ok`` is False read 0s. Split from :func:`unit_levels` so a caller can
+    issue the loads of the next block before it works on this one."""
+    j = tl.arange(0, NU)
+    if ALIGNED:
+        lo = tl.load(rec_ptr + row[:, None] + j[None, :], mask=row_ok[:, None], other=0)
+    else:
+        lo = tl.load(rec_ptr + row[:, None] + unit_word[None, :], mask=row_ok[:, None], other=0)
+    hi = lo
+    if CROSSES:
+        nxt = tl.minimum(unit_word + 1, NW - 1)
+        hi = tl.load(rec_ptr + row[:, None] + nxt[None, :], mask=row_ok[:, None], other=0)
+    return lo, hi
+
+
+@triton.jit
+def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, NU: tl.constexpr, S: tl.constexpr,
+                ALIGNED: tl.constexpr, CROSSES: tl.constexpr):
+    """Levels ``[R, NU * S]`` (stored order, the lookup table's dtype) from the unit words of
+    :func:`load_units`; ``unit_shift`` is ``[NU]``, ``slot_shift``/``slot_mask`` ``[NU, S]`` uint32."""
+    lo = lo.to(tl.uint32, bitcast=True)
+    if ALIGNED:
+        unit = lo
+    elif CROSSES:
+        both = (hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | lo.to(tl.uint64)
+        unit = (both >> unit_shift.to(tl.uint64)[None, :]).to(tl.uint32)
+    else:
+        unit = lo >> unit_shift.to(tl.uint32)[None, :]
+    index = ((unit[:, :, None] >> slot_shift[None, :, :]) & slot_mask[None, :, :]) | (slot_mask + 1)[None, :, :]
+    levels = tl.load(lut_ptr + index.to(tl.int32))
+    return tl.reshape(levels, (lo.shape[0], NU * S))
+
+
+@triton.jit
+def load_slot_tables(uw_ptr, ush_ptr, ssh_ptr, smask_ptr, NU: tl.constexpr, S: tl.constexpr):
+    """One head's unit tables ``[NU]`` (int32) and slot tables ``[NU, S]`` (uint32)."""
+    j = tl.arange(0, NU)
+    p = j[:, None] * S + tl.arange(0, S)[None, :]
+    unit_word = tl.load(uw_ptr + j)
+    unit_shift = tl.load(ush_ptr + j)
+    slot_shift = tl.load(ssh_ptr + p).to(tl.uint32)
+    slot_mask = tl.load(smask_ptr + p).to(tl.uint32)
+    return unit_word, unit_shift, slot_shift, slot_mask
+
+
+@triton.jit
+def _encode_kernel(
+    X, sxn, sxh, BASIS, MEAN, SIGMA, NORM_REF, BOUNDS, UWORD, USHIFT, SSHIFT, SMASK,
+    REC, srn, srh, SCALES, ssn, n_vectors,
+    LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
+    NWP: tl.constexpr, MAXW: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+):
+    h = tl.program_id(1)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = n < n_vectors
+    n64 = n.to(tl.int64)
+    p = tl.arange(0, D)
+    z = tl.zeros((BN, D), tl.float32)
+    for k0 in tl.static_range(0, D, KC):
+        k = k0 + tl.arange(0, KC)
+        x = tl.load(X + n64[:, None] * sxn + h * sxh + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        x = x - tl.load(MEAN + h * D + k)[None, :]
+        z += tl.dot(x, tl.load(BASIS + h * D * D + k[:, None] * D + p[None, :]), input_precision="ieee")
+    if SCALED:
+        scale = (tl.sqrt(tl.sum(z * z, 1)) / tl.load(NORM_REF + h)).to(tl.float16)
+        tl.store(SCALES + n64 * ssn + h, scale, mask=n_ok)
+        s = scale.to(tl.float32)[:, None]
+        z = tl.where(s > 0, z / tl.maximum(s, 1e-30), 0.0)
+    sigma = tl.load(SIGMA + h * D + p)[None, :]
+    u = tl.where(sigma > 0, z / tl.maximum(sigma, 1e-30), 0.0)
+    # Boundary search in each coordinate's own codebook: code = number of boundaries below u.
+    count = tl.load(SMASK + h * D + p)[None, :]  # a b-bit codebook has 2**b - 1 boundaries
+    code = tl.zeros((BN, D), tl.int32)
+    for b in tl.static_range(MAXW - 1, -1, -1):
+        cand = code + (1 << b)
+        ok = (cand <= count) & n_ok[:, None]
+        bound = tl.load(BOUNDS + h * LUT + count + cand, mask=ok, other=0.0)
+        code = tl.where(ok & (bound < u), cand, code)
+    # Pack: a unit ORs its codes at their slot shifts; units land at their bit offsets.
+    j = tl.arange(0, NU)
+    slot_shift = tl.load(SSHIFT + h * D + j[:, None] * S + tl.arange(0, S)[None, :]).to(tl.int64)
+    unit = tl.sum(tl.reshape(code, (BN, NU, S)).to(tl.int64) << slot_shift[None, :, :], 2)
+    placed = unit << tl.load(USHIFT + h * NU + j).to(tl.int64)[None, :]
+    first = tl.load(UWORD + h * NU + j)[None, :, None]
+    w = tl.arange(0, NWP)[None, None, :]
+    low = tl.where(first == w, (placed & 0xFFFFFFFF)[:, :, None], 0)
+    high = tl.where(first + 1 == w, (placed >> 32)[:, :, None], 0)
+    words = tl.sum(low + high, 1)
+    wi = tl.arange(0, NWP)
+    ok = n_ok[:, None] & (wi < NW)[None, :]
+    tl.store(REC + n64[:, None] * srn + h * srh + wi[None, :], words.to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _decode_kernel(
+    REC, srn, srh, SCALES, ssn, BASIS, MEAN, SIGMA, LEVELS, UWORD, USHIFT, SSHIFT, SMASK,
+    OUT, son, soh, n_vectors,
+    LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
+    ALIGNED: tl.constexpr, CROSSES: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+):
+    h = tl.program_id(1)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = n < n_vectors
+    n64 = n.to(tl.int64)
+    p = tl.arange(0, D)
+    uw, ush, ssh, smask = load_slot_tables(UWORD + h * NU, USHIFT + h * NU, SSHIFT + h * D, SMASK + h * D, NU, S)
+    lo, hi = load_units(REC + h * srh, n64 * srn, n_ok, uw, NU, NW, ALIGNED, CROSSES)
+    z = unit_levels(lo, hi, ush, ssh, smask, LEVELS + h * LUT, NU, S, ALIGNED, CROSSES)
+    z = z * tl.load(SIGMA + h * D + p)[None, :]
+    if SCALED:
+        z = z * tl.load(SCALES + n64 * ssn + h, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    for k0 in tl.static_range(0, D, KC):
+        k = k0 + tl.arange(0, KC)
+        basis_t = tl.load(BASIS + h * D * D + k[None, :] * D + p[:, None])  # [D (stored order), KC]
+        x = tl.dot(z, basis_t, input_precision="ieee") + tl.load(MEAN + h * D + k)[None, :]
+        tl.store(OUT + n64[:, None] * son + h * soh + k[None, :], x, mask=n_ok[:, None])
+
+
+def _check(tables: KernelTables, t: torch.Tensor, last: int, what: str) -> None:
+    if t.dim() < 2 or t.shape[-2:] != (tables.heads, last):
+        raise ValueError(f"{what} must be [..., {tables.heads}, {last}], got {tuple(t.shape)}")
+
+
+def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
+    """Triton :meth:`Quantizer.encode`: ``x [..., H, D]`` (any float dtype) to records
+    ``[..., H, R]`` uint8 and fp16 scales ``[..., H]`` (None without scaling)."""
+    tables = tables_of(quantizer)
+    _check(tables, x, tables.dim, "x")
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, tables.heads, tables.dim)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    n = flat.shape[0]
+    records = torch.empty(n, tables.heads, tables.record_bytes, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(n, tables.heads, dtype=torch.float16, device=x.device) if tables.scaled else None
+    words = records.view(torch.int32)
+    _encode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
+        flat, flat.stride(0), flat.stride(1), tables.basis_p, tables.mean, tables.sigma_p, tables.norm_ref,
+        tables.bounds, tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
+        words, words.stride(0), words.stride(1), scales if scales is not None else records, tables.heads, n,
+        LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
+        NWP=triton.next_power_of_2(tables.words), MAXW=tables.max_width, SCALED=tables.scaled,
+        BN=BLOCK_N, KC=min(CHUNK, tables.dim),
+    )
+    return Encoded(
+        records.reshape(*lead, tables.heads, tables.record_bytes),
+        scales.reshape(*lead, tables.heads) if scales is not None else None,
+    )
+
+
+def decode(quantizer: Quantizer, enc: Encoded) -> torch.Tensor:
+    """Triton :meth:`Quantizer.decode`: records ``[..., H, R]`` (and scales) to ``x_hat [..., H, D]``
+    float32."""
+    tables = tables_of(quantizer)
+    _check(tables, enc.records, tables.record_bytes, "records")
+    lead = enc.records.shape[:-2]
+    records = enc.records.reshape(-1, tables.heads, tables.record_bytes).contiguous()
+    n = records.shape[0]
+    words = records.view(torch.int32)
+    scales = enc.scales.reshape(-1, tables.heads).contiguous() if tables.scaled else None
+    out = torch.empty(n, tables.heads, tables.dim, dtype=torch.float32, device=records.device)
+    _decode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
+        words, words.stride(0), words.stride(1), scales if scales is not None else out, tables.heads,
+        tables.basis_p, tables.mean, tables.sigma_p, tables.levels32,
+        tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
+        out, out.stride(0), out.stride(1), n,
+        LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
+        ALIGNED=tables.aligned, CROSSES=tables.crosses, SCALED=tables.scaled, BN=BLOCK_N, KC=min(CHUNK, tables.dim),
+    )
+    return out.reshape(*lead, tables.heads, tables.dim)

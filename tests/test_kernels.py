@@ -1,0 +1,134 @@
+"""The Triton kernels against their PyTorch references on small shapes.
+
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here before
+the kernel modules are imported); with one, these run on it. Large-shape GPU checks are in
+``test_kernels_gpu.py``.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from spectralquant.kernels import compressed_attention, compressed_attention_reference  # noqa: E402
+from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer  # noqa: E402
+from spectralquant.kernels.tables import unsupported_reason  # noqa: E402
+from spectralquant.kernels.triton_attention import compressed_attention_triton  # noqa: E402
+from spectralquant.kernels.triton_codec import decode, encode  # noqa: E402
+from spectralquant.packing import RecordLayout  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def vectors(q, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, q.heads, q.dim, generator=g) * q.sigma
+    return torch.einsum("nhe,hde->nhd", z, q.basis) + q.mean
+
+
+CODEC_CASES = [
+    dict(dim=16, bits=4),  # units fill whole words
+    dict(dim=32, bits=3),  # units straddle words
+    dict(dim=64, bits=5, allocation="uniform"),  # 8 codes would need 40 bits: 4 codes per unit
+    dict(dim=32, bits=2, codebook="fitted"),
+    dict(dim=16, bits=2.5, scale=False, center=False),
+]
+
+
+@pytest.mark.parametrize("case", CODEC_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_encode_and_decode_match_the_quantizer(case):
+    case = dict(case)
+    q = random_quantizer(3, case.pop("dim"), case.pop("bits"), seed=1, **case)
+    x = vectors(q, 70, seed=2)
+    ref = q.encode(x)
+    got = encode(q.to(DEVICE), x.to(DEVICE))
+    codes, ref_codes = q.layout.unpack(got.records.cpu()), q.layout.unpack(ref.records)
+    assert got.records.shape == ref.records.shape
+    assert (codes != ref_codes).float().mean() < 2e-3 and (codes - ref_codes).abs().max() <= 1
+    if q.config.scale:
+        assert torch.equal(got.scales.cpu(), ref.scales)
+    else:
+        assert got.scales is None
+    decoded = decode(q.to(DEVICE), ref).cpu()
+    assert torch.allclose(decoded, q.decode(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_reads_the_plain_coordinate_order_layout_too():
+    q = random_quantizer(2, 32, 4, seed=3)
+    q.layout = RecordLayout(q.widths, permute=False)
+    enc = q.encode(vectors(q, 40, seed=4))
+    assert torch.allclose(decode(q.to(DEVICE), enc).cpu(), q.decode(enc), rtol=1e-5, atol=1e-5)
+
+
+ATTENTION_CASES = [
+    dict(batch=2, heads=2, groups=2, queries=1, dim=32, compressed=170, window=5, sinks=2),
+    dict(batch=1, heads=1, groups=4, queries=3, dim=64, compressed=40, window=0, sinks=0, key_bits=3, value_bits=2),
+    dict(batch=3, heads=2, groups=1, queries=2, dim=16, compressed=0, window=7, sinks=3),
+    dict(batch=2, heads=1, groups=2, queries=1, dim=32, compressed=33, window=3, sinks=4, key_bits=5, value_bits=2.5),
+]
+
+
+def attention_inputs(case: dict, dtype: torch.dtype, seed: int = 0):
+    c = dict(case)
+    b, h, g, lq = c.pop("batch"), c.pop("heads"), c.pop("groups"), c.pop("queries")
+    kv = random_compressed_kv(b, h, c.pop("dim"), dtype=dtype, device=DEVICE, seed=seed, **c)
+    gen = torch.Generator().manual_seed(seed + 7)
+    q = (1.5 * torch.randn(b, h * g, lq, kv.shape[-1], generator=gen)).to(DEVICE, dtype)
+    mask = torch.rand(b, lq, kv.length, generator=gen) > 0.25
+    mask[0, :, : kv.length // 2] = False  # a left-padded (shorter) row
+    return q, kv, mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=range(len(ATTENTION_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_attention_matches_the_reference(case, dtype):
+    q, kv, mask = attention_inputs(case, dtype)
+    for m, softcap, scaling in ((mask, None, None), (None, 20.0, 0.3)):
+        ref = compressed_attention_reference(q, kv, m, scaling=scaling, softcap=softcap)
+        got = compressed_attention_triton(q, kv, m, scaling=scaling, softcap=softcap, block_t=16)
+        assert got.dtype == q.dtype and got.shape == q.shape
+        assert rel(got, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_splits_and_blocks_do_not_change_the_result():
+    q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=5)
+    ref = compressed_attention_reference(q, kv, mask)
+    for block_t, min_blocks, per_sm in ((16, 1, 64), (32, 3, 4), (64, 1, 4)):  # 11 splits of 16 tokens, 2, 1
+        got = compressed_attention_triton(q, kv, mask, block_t=block_t, min_blocks=min_blocks, per_sm=per_sm)
+        assert rel(got, ref) < 2e-3
+
+
+def test_a_row_with_nothing_to_attend_gives_zeros_and_sink_slots_use_exact_values():
+    q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=9)
+    mask[1] = False
+    got = compressed_attention_triton(q, kv, mask, block_t=16)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    # Only sink columns open: the result must come from the exact sink values alone.
+    only = torch.zeros_like(mask)
+    pos = kv.sink_pos.cpu()
+    for row in range(mask.shape[0]):
+        only[row, :, pos[row] : pos[row] + 2] = True
+    ref = compressed_attention_reference(q, kv, only)
+    assert rel(compressed_attention_triton(q, kv, only, block_t=16), ref) < 2e-3
+
+
+def test_dispatcher_falls_back_to_the_reference_where_the_kernel_does_not_apply():
+    q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32)
+    if DEVICE == "cpu":  # CPU tensors always take the reference
+        assert torch.equal(compressed_attention(q, kv, mask), compressed_attention_reference(q, kv, mask))
+    qjl = random_quantizer(1, 32, 2, qjl_dims=8)
+    assert "QJL" in unsupported_reason(qjl)
+    assert "power of two" in unsupported_reason(random_quantizer(1, 48, 2))
+    kv.key_quantizer = qjl.to(DEVICE)
+    with pytest.raises(ValueError, match="use compressed_attention"):
+        compressed_attention_triton(q, kv, mask)

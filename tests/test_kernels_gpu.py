@@ -1,0 +1,129 @@
+"""The Triton kernels on the GPU: large random inputs, poisoned outputs, several bit layouts,
+head dims 64/128/256, ragged batches, and generation with fused kernels against the reference
+path. Marked ``gpu`` (excluded by default; run with ``pytest -m gpu``)."""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+# (head dim, (key bits, value bits)): units filling whole words, straddling words, 16 codes, 4 codes.
+LAYOUTS = [(64, (4, 4)), (128, (3, 3)), (256, (2.5, 2)), (128, (5, 8)), (256, (4, 3)), (64, (3, 2.5))]
+
+
+def poison() -> None:
+    """Fill the allocator's free blocks with NaN so an unwritten output element shows up."""
+    block = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    block.fill_(0xFF)
+    del block
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dim,bits", [(d, b[1]) for d, b in LAYOUTS], ids=str)
+def test_codec_matches_the_quantizer_on_many_vectors(dim, bits):
+    from spectralquant.kernels.random_cache import random_quantizer
+    from spectralquant.kernels.triton_codec import decode, encode
+
+    q = random_quantizer(8, dim, bits, seed=dim)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4096, 8, dim, generator=g) * q.sigma
+    x = (torch.einsum("nhe,hde->nhd", z, q.basis) + q.mean).to("cuda", torch.bfloat16)
+    qg = q.to("cuda")
+    ref = qg.encode(x)
+    poison()
+    got = encode(qg, x)
+    codes, ref_codes = qg.layout.unpack(got.records), qg.layout.unpack(ref.records)
+    assert (codes != ref_codes).float().mean() < 1e-4 and int((codes - ref_codes).abs().max()) <= 1
+    assert (got.scales.float() - ref.scales.float()).abs().max() <= 1e-3 * ref.scales.float().abs().max()
+    poison()
+    decoded = decode(qg, ref)
+    assert torch.isfinite(decoded).all()
+    assert rel(decoded, qg.decode(ref)) < 1e-5
+
+
+def ragged_case(dim, bits, batch=4, heads=8, groups=4, queries=1, compressed=3000, window=70, seed=0):
+    from spectralquant.kernels.random_cache import random_compressed_kv
+
+    kv = random_compressed_kv(
+        batch, heads, dim, compressed, window, sinks=4, key_bits=bits[0], value_bits=bits[1],
+        dtype=torch.bfloat16, device="cuda", seed=seed,
+    )
+    g = torch.Generator().manual_seed(seed)
+    q = (2 * torch.randn(batch, heads * groups, queries, dim, generator=g)).to("cuda", torch.bfloat16)
+    lengths = torch.randint(kv.length // 3, kv.length + 1, (batch,), generator=g)
+    lengths[0] = kv.length
+    cols = torch.arange(kv.length)
+    mask = cols[None, None, :] >= (kv.length - lengths)[:, None, None]  # left padding
+    causal = cols[None, :] <= kv.length - queries + torch.arange(queries)[:, None]  # causal among queries
+    return q, kv, (mask & causal[None]).cuda()
+
+
+@pytest.mark.parametrize("dim,bits", LAYOUTS, ids=str)
+@pytest.mark.parametrize("queries", [1, 4])
+def test_fused_attention_matches_the_reference_on_ragged_batches(dim, bits, queries):
+    from spectralquant.kernels import compressed_attention, compressed_attention_reference
+
+    q, kv, mask = ragged_case(dim, bits, queries=queries, seed=dim + queries)
+    ref = compressed_attention_reference(q, kv, mask)
+    poison()
+    got = compressed_attention(q, kv, mask)
+    assert torch.isfinite(got).all()
+    assert rel(got, ref) < 1e-2
+
+
+@pytest.mark.parametrize("groups,queries", [(1, 1), (8, 16), (4, 16)])
+def test_fused_attention_handles_group_and_query_counts_softcap_and_scaling(groups, queries):
+    from spectralquant.kernels import compressed_attention_reference
+    from spectralquant.kernels.triton_attention import compressed_attention_triton
+
+    q, kv, mask = ragged_case(128, (4, 4), batch=2, groups=groups, queries=queries, compressed=1500)
+    ref = compressed_attention_reference(q, kv, mask, scaling=0.07, softcap=30.0)
+    poison()
+    got = compressed_attention_triton(q, kv, mask, scaling=0.07, softcap=30.0)
+    assert rel(got, ref) < 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_generation_with_fused_kernels_matches_the_reference_path(family, tiny_calibrations, monkeypatch):
+    from conftest import tiny_model
+    from spectralquant.integrations import fused_attention
+
+    import spectralquant as sq
+    from spectralquant.kernels import compressed_attention_reference
+
+    model = tiny_model(family).cuda()
+    ids = torch.randint(2, 96, (3, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # a left-padded row
+    sq.wrap(model, tiny_calibrations(family), window=8, chunk=4, sinks=2, fused=True)
+    calls = []
+    kernel = fused_attention.compressed_attention
+    monkeypatch.setattr(fused_attention, "compressed_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert calls, "the fused attention path was not used"
+    monkeypatch.setattr(fused_attention, "compressed_attention", compressed_attention_reference)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    sq.unwrap(model)
+    # Greedy paths agree up to the first step whose reference top-2 margin is within the logit
+    # difference the kernel's fp16 operands can cause (tiny random models have near-ties).
+    steps = torch.stack(out.logits), torch.stack(ref.logits)  # [steps, B, vocab]
+    prompt = ids.shape[1]
+    for row in range(ids.shape[0]):
+        differ = (out.sequences[row, prompt:] != ref.sequences[row, prompt:]).nonzero()
+        until = int(differ[0]) if len(differ) else steps[0].shape[0]
+        got, want = steps[0][: until + 1, row], steps[1][: until + 1, row]
+        scale = float(want.abs().max())
+        assert float((got[:until] - want[:until]).abs().max(initial=0.0)) < 1e-2 * scale
+        if until < steps[0].shape[0]:
+            top2 = want[until].topk(2).values
+            assert float(top2[0] - top2[1]) < 2e-2 * scale, f"row {row} diverged at step {until} without a near-tie"
