@@ -104,7 +104,8 @@ def test_splits_and_blocks_do_not_change_the_result():
     q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=5)
     ref = compressed_attention_reference(q, kv, mask)
     for block_t, min_blocks, per_sm in ((16, 1, 64), (32, 3, 4), (64, 1, 4)):  # 11 splits of 16 tokens, 2, 1
-        got = compressed_attention_triton(q, kv, mask, block_t=block_t, min_blocks=min_blocks, per_sm=per_sm)
+        got = compressed_attention_triton(q, kv, mask, block_t=block_t, min_blocks=min_blocks, per_sm=per_sm,
+                                          num_warps=4)
         assert rel(got, ref) < 2e-3
 
 
@@ -120,6 +121,12 @@ def test_a_row_with_nothing_to_attend_gives_zeros_and_sink_slots_use_exact_value
         only[row, :, pos[row] : pos[row] + 2] = True
     ref = compressed_attention_reference(q, kv, only)
     assert rel(compressed_attention_triton(q, kv, only, block_t=16), ref) < 2e-3
+
+
+def test_unknown_tuning_options_are_rejected():
+    q, kv, mask = attention_inputs(ATTENTION_CASES[2], torch.float32)
+    with pytest.raises(ValueError, match="unknown tuning option"):
+        compressed_attention_triton(q, kv, mask, blocks=3)
 
 
 def test_dispatcher_falls_back_to_the_reference_where_the_kernel_does_not_apply():

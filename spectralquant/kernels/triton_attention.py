@@ -31,6 +31,9 @@ from .triton_codec import load_slot_tables, load_units, unit_levels
 LOG2E = 1.4426950408889634
 MAX_ROWS = 128  # G * Lq query rows per program
 CHUNK = 32  # rotations are done in chunks of this many coordinates
+# Launch settings used when a call does not give them (benchmarks/kernels.py tunes them on the GPU):
+# tokens per step, warps, minimum blocks per split, programs per multiprocessor, register cap.
+TUNING = dict(block_t=64, num_warps=8, min_blocks=4, per_sm=4, maxnreg=128)
 
 
 @triton.jit
@@ -283,14 +286,16 @@ def compressed_attention_triton(
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     softcap: float | None = None,
-    block_t: int | None = None,
-    num_warps: int | None = None,
-    min_blocks: int = 4,
-    per_sm: int = 4,
+    **tuning,
 ) -> torch.Tensor:
     """Fused attention of ``query [B, Hq, Lq, D]`` over ``kv`` (contract: the reference).
-    ``block_t`` (tokens per step), ``num_warps``, ``min_blocks`` (blocks per split) and ``per_sm``
-    (programs per multiprocessor) tune it."""
+    ``tuning`` overrides :data:`TUNING`: ``block_t`` (tokens per step; halved for head_dim 256),
+    ``num_warps``, ``min_blocks`` (blocks per split), ``per_sm`` (programs per multiprocessor) and
+    ``maxnreg`` (register cap per thread, None for none)."""
+    unknown = set(tuning) - set(TUNING)
+    if unknown:
+        raise ValueError(f"unknown tuning option(s) {sorted(unknown)}; valid: {sorted(TUNING)}")
+    opts = {**TUNING, **tuning}
     reason = attention_unsupported_reason(query, kv)
     if reason:
         raise ValueError(f"the fused kernel cannot run this attention: {reason}; use compressed_attention")
@@ -305,8 +310,8 @@ def compressed_attention_triton(
     n_window = kv.window_keys.shape[2]
     if query.stride(-1) != 1:
         query = query.contiguous()
-    bt = block_t or (64 if d <= 128 else 32)
-    n_splits, split_len = _splits(tc, b * h, bt, query.device, min_blocks, per_sm)
+    bt = opts["block_t"] if d <= 128 else max(16, opts["block_t"] // 2)
+    n_splits, split_len = _splits(tc, b * h, bt, query.device, opts["min_blocks"], opts["per_sm"])
     kw, vw = _words(kv.key.records), _words(kv.value.records)
     ksc = kv.key.scales if kt.scaled else kv.window_keys
     vsc = kv.value.scales if vt.scaled else kv.window_keys
@@ -345,7 +350,8 @@ def compressed_attention_triton(
         V_S=vt.slots, V_NU=vt.units, V_NW=vt.words, V_ALIGNED=vt.aligned, V_CROSSES=vt.crosses,
         K_SCALED=kt.scaled, V_SCALED=vt.scaled, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
-        num_warps=num_warps or (4 if m_rows <= 64 else 8),
+        num_warps=opts["num_warps"],
+        **({"maxnreg": opts["maxnreg"]} if opts["maxnreg"] and query.is_cuda else {}),
     )
     _combine_kernel[(h, b)](
         pacc, pm, pl, vt.basis_p, vt.sigma_p, vt.mean, out, out.stride(0), out.stride(1), out.stride(2), n_splits,
