@@ -165,7 +165,8 @@ def tune(bits: float, budget: int, log) -> dict:
     """Time a few block/warp settings at batch 8, 32k context; returns the fastest settings."""
     pair = quantizer_pair(bits)
     best, rows = None, []
-    settings = ((64, 8, 4, 128), (64, 8, 8, 128), (32, 4, 8, 128), (64, 4, 8, 128), (64, 8, 4, None), (32, 4, 8, None))
+    settings = ((64, 8, 4, None), (64, 8, 8, None), (32, 4, 8, None), (32, 2, 8, None), (16, 1, 16, None),
+                (16, 1, 32, None), (32, 1, 16, None), (64, 8, 4, 128))
     for block_t, warps, per_sm, maxnreg in settings:
         setting = dict(block_t=block_t, num_warps=warps, per_sm=per_sm, maxnreg=maxnreg)
         try:

@@ -33,7 +33,7 @@ MAX_ROWS = 128  # G * Lq query rows per program
 CHUNK = 32  # rotations are done in chunks of this many coordinates
 # Launch settings used when a call does not give them (benchmarks/kernels.py tunes them on the GPU):
 # tokens per step, warps, minimum blocks per split, programs per multiprocessor, register cap.
-TUNING = dict(block_t=64, num_warps=8, min_blocks=4, per_sm=4, maxnreg=128)
+TUNING = dict(block_t=64, num_warps=8, min_blocks=4, per_sm=4, maxnreg=None)
 
 
 @triton.jit
