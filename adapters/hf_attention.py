@@ -2,7 +2,8 @@
 
 A wrapped implementation ``spectralquant_<role>_<base>`` behaves exactly like the model's own
 ``<base>`` implementation (``sdpa``, ``eager``, ...) and uses the same mask builder, with one
-addition per role: ``capture`` hands each layer's queries to a callback during calibration.
+addition per role: ``capture`` hands each layer's attention inputs (queries, keys and values as
+the cache stores them, the mask and the call's options) to a callback during calibration.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-QueryCallback = Callable[[int, torch.Tensor], None]
-_capture_callback: list[QueryCallback] = []
+AttentionCallback = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, object, dict], None]
+_capture_callback: list[AttentionCallback] = []
 
 
 def base_attention(module: torch.nn.Module, base: str) -> Callable:
@@ -31,7 +32,7 @@ def base_attention(module: torch.nn.Module, base: str) -> Callable:
 def _capture_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         if _capture_callback:
-            _capture_callback[-1](module.layer_idx, query)
+            _capture_callback[-1](module, query, key, value, attention_mask, kwargs)
         return base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -59,8 +60,9 @@ def base_implementation(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def capture_queries(model: torch.nn.Module, callback: QueryCallback) -> Iterator[None]:
-    """While active, every attention layer calls ``callback(layer_idx, query [B, Hq, L, D])``."""
+def capture_attention(model: torch.nn.Module, callback: AttentionCallback) -> Iterator[None]:
+    """While active, every attention layer calls ``callback(module, query [B, Hq, L, D], key
+    [B, H, T, D], value [B, H, T, D], attention_mask, options)`` before attending."""
     base = base_implementation(model)
     previous = model.config._attn_implementation
     model.set_attn_implementation(register_wrapped("capture", base, _capture_attention))
@@ -70,3 +72,36 @@ def capture_queries(model: torch.nn.Module, callback: QueryCallback) -> Iterator
     finally:
         _capture_callback.pop()
         model.set_attn_implementation(previous)
+
+
+def attention_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    block: int = 512,
+) -> torch.Tensor:
+    """Softmax attention weights summed over queries, per KV head: ``[B, H, T]``, the attention
+    each key receives. ``query [B, Hq, L, D]`` (GQA groups share a KV head), ``key [B, H, T, D]``,
+    ``attention_mask`` as transformers builds it (bool, True = attend, or additive float,
+    ``[B, 1, L, T]``) or None for plain causal attention. Computed in query blocks of ``block``."""
+    b, hq, lq, d = query.shape
+    h, t = key.shape[1], key.shape[2]
+    scale = d**-0.5 if scaling is None else scaling
+    q = query.float().reshape(b, h, hq // h, lq, d)
+    k = key.float()
+    mass = torch.zeros(b, h, t, device=key.device)
+    for start in range(0, lq, block):
+        qs = q[:, :, :, start : start + block]
+        s = torch.einsum("bhgld,bhtd->bhglt", qs, k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        rows = torch.arange(start, start + qs.shape[3], device=key.device)[:, None] + (t - lq)
+        if attention_mask is None:
+            s = s.masked_fill(torch.arange(t, device=key.device) > rows, float("-inf"))
+        else:
+            m = attention_mask[:, :, start : start + qs.shape[3]][:, :, None]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        mass += torch.softmax(s, dim=-1).nan_to_num(0.0).sum((2, 3))
+    return mass

@@ -1,7 +1,11 @@
 """Hugging Face decoder-only LMs: Llama, Gemma 2/3, Qwen2, Mistral, Phi-3.
 
-K/V are captured exactly as transformers' cache receives them (post-RoPE, after any key norm),
-per KV head (GQA: never per query head), by running calibration text with a recording cache.
+K/V are captured exactly as attention reads them from transformers' cache (post-RoPE, after any
+key norm), per KV head (GQA: never per query head), by running calibration text through the
+model with a capturing attention function. By default each token's contribution to its head's
+statistics is weighted by ``1 + a / mean(a)``, where ``a`` is the attention the token receives:
+a few heavily attended tokens (secondary attention sinks, often punctuation) sit in directions
+where other tokens hardly vary, and an unweighted covariance would give those directions no bits.
 Compression is installed by handing the model a fresh compressed cache wherever it would create
 its own (plain ``model(...)`` calls and ``model.generate``).
 """
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -21,22 +24,7 @@ from spectralquant.calibration_builder import CalibrationBuilder
 from spectralquant.corpus import default_calibration_texts
 
 from .base import STATE_ATTR, Adapter, WrapState, register_adapter
-from .hf_attention import capture_queries
-
-
-class _RecordingCache(DynamicCache):
-    """Hands every layer's new K/V (``[B, H, L, D]``) to a builder and stores nothing, so a
-    forward pass sees exactly what a fresh cache would give it."""
-
-    def __init__(self, config, builder: CalibrationBuilder, skip_first: int):
-        super().__init__(config=config)
-        self.builder, self.skip_first = builder, skip_first
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        s = self.skip_first
-        self.builder.add(layer_idx, "key", key_states[:, :, s:].transpose(1, 2))
-        self.builder.add(layer_idx, "value", value_states[:, :, s:].transpose(1, 2))
-        return key_states, value_states
+from .hf_attention import attention_probabilities, capture_attention
 
 
 @register_adapter
@@ -81,15 +69,17 @@ class HFCausalLMAdapter(Adapter):
         max_tokens: int = 8192,
         skip_first: int = 4,
         samples_per_layer: int = 0,
-        capture_query: bool = True,
+        attention_weighted: bool = True,
         progress: bool = True,
     ) -> Calibration:
-        """Run text through the model, capturing K/V (and queries) per layer and KV head.
+        """Run text through the model, capturing K/V and queries per layer and KV head.
 
         Text comes from ``token_ids [N, L]``, or ``texts`` tokenized with ``tokenizer`` (default:
         the bundled English corpus), cut into sequences of ``seq_len`` tokens (each starting with
         BOS when the tokenizer has one) until ``max_tokens``. The first ``skip_first`` positions
         of each sequence (attention sinks, kept in fp16 anyway) are left out of the statistics.
+        ``attention_weighted`` weights each token by the attention it receives (see the module
+        docstring); ``samples_per_layer`` keeps raw vectors for fitted codebooks.
         """
         if token_ids is None:
             if tokenizer is None:
@@ -104,20 +94,28 @@ class HFCausalLMAdapter(Adapter):
         builder = CalibrationBuilder(self.signature(), samples_per_layer=samples_per_layer)
         device = next(self.model.parameters()).device
         bar = tqdm(total=token_ids.numel(), desc="calibrating", unit="tok", disable=not progress)
+        s = skip_first
 
-        def on_query(layer: int, q: torch.Tensor) -> None:
-            builder.add_query(layer, q[:, :, skip_first:].transpose(1, 2))
+        def on_attention(module, query, key, value, mask, options) -> None:
+            weights = None
+            if attention_weighted:
+                mass = attention_probabilities(query, key, mask, options.get("scaling"), options.get("softcap"))
+                mass = mass[:, :, s:]
+                weights = (1 + mass / mass.mean(-1, keepdim=True).clamp_min(1e-30)).transpose(1, 2)
+            builder.add(module.layer_idx, "key", key[:, :, s:].transpose(1, 2), weights)
+            builder.add(module.layer_idx, "value", value[:, :, s:].transpose(1, 2), weights)
+            builder.add_query(module.layer_idx, query[:, :, s:].transpose(1, 2))
 
-        with torch.inference_mode(), capture_queries(self.model, on_query) if capture_query else nullcontext():
+        with torch.inference_mode(), capture_attention(self.model, on_attention):
             for row in token_ids:
-                cache = _RecordingCache(self.model.config, builder, skip_first)
-                self.model(input_ids=row[None].to(device), past_key_values=cache, use_cache=True)
+                self.model(input_ids=row[None].to(device), use_cache=False)
                 bar.update(row.numel())
         bar.close()
         info = {
             "tokens": int(token_ids.numel()),
             "sequences": int(token_ids.shape[0]),
             "seq_len": int(token_ids.shape[1]),
+            "attention_weighted": attention_weighted,
         }
         return builder.build(info)
 

@@ -56,14 +56,15 @@ class CalibrationBuilder:
         self.query_sums: dict[int, torch.Tensor] = {}
         self.query_counts: dict[int, int] = {}
 
-    def add(self, layer: int, kind: str, x: torch.Tensor) -> None:
-        """Add vectors ``x [..., H, D]`` of ``kind`` ('key' or 'value') captured at ``layer``."""
+    def add(self, layer: int, kind: str, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add vectors ``x [..., H, D]`` of ``kind`` ('key' or 'value') captured at ``layer``,
+        optionally weighted by ``weights [..., H]`` (e.g. the attention each token receives)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if not 0 <= layer < self.signature.num_layers:
             raise ValueError(f"layer {layer} is out of range for a {self.signature.num_layers}-layer model")
         acc = self.acc[(layer, kind)]
-        acc.update(x)
+        acc.update(x, weights)
         self.reservoirs[(layer, kind)].add(x.reshape(-1, acc.heads, acc.dim))
 
     def add_query(self, layer: int, q: torch.Tensor) -> None:

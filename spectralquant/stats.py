@@ -8,11 +8,13 @@ import torch
 
 
 class CovarianceAccumulator:
-    """Streaming count, mean and centred scatter of vectors ``x [..., H, D]``, per head, in float64.
+    """Streaming (optionally weighted) count, mean and centred scatter of vectors ``x [..., H, D]``,
+    per head, in float64.
 
     Batches are combined with Chan's parallel update, the numerically stable equivalent of
     keeping count, sum and sum of outer products; accumulators over disjoint data can be merged.
-    Nothing but these sums is stored.
+    With weights, every statistic is the weighted one (weights per vector and head); ``count``
+    still counts vectors. Nothing but these sums is stored.
     """
 
     def __init__(self, heads: int, dim: int):
@@ -20,11 +22,13 @@ class CovarianceAccumulator:
             raise ValueError(f"heads and dim must be positive, got heads={heads}, dim={dim}")
         self.heads, self.dim = heads, dim
         self.count = 0
+        self.weight = torch.zeros(heads, dtype=torch.float64)
         self.mean_ = torch.zeros(heads, dim, dtype=torch.float64)
         self.scatter = torch.zeros(heads, dim, dim, dtype=torch.float64)
 
-    def update(self, x: torch.Tensor) -> CovarianceAccumulator:
-        """Add vectors ``x [..., H, D]`` (any leading shape; float)."""
+    def update(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> CovarianceAccumulator:
+        """Add vectors ``x [..., H, D]`` (any leading shape; float), optionally with non-negative
+        ``weights [..., H]``."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a tensor, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
@@ -39,10 +43,21 @@ class CovarianceAccumulator:
             return self
         if not torch.isfinite(x).all():
             raise ValueError("calibration data contains NaN or Inf")
-        mean = x.mean(0)
+        if weights is None:
+            w = torch.ones(n, self.heads, dtype=torch.float64, device=x.device)
+        else:
+            if weights.shape != x.shape[:-1] and weights.reshape(-1, self.heads).shape[0] != n:
+                raise ValueError(f"weights of shape {tuple(weights.shape)} do not match vectors {tuple(x.shape)}")
+            w = weights.detach().reshape(n, self.heads).to(x.device, torch.float64)
+            if not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError("calibration weights must be finite and non-negative")
+        total = w.sum(0)  # [H]
+        if (total <= 0).any():
+            return self
+        mean = (w[..., None] * x).sum(0) / total[:, None]
         centred = x - mean
-        scatter = torch.einsum("nhi,nhj->hij", centred, centred)
-        return self._combine(n, mean.cpu(), scatter.cpu())
+        scatter = torch.einsum("nh,nhi,nhj->hij", w, centred, centred)
+        return self._combine(n, total.cpu(), mean.cpu(), scatter.cpu())
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Fold another accumulator (same heads and dim) into this one."""
@@ -52,14 +67,18 @@ class CovarianceAccumulator:
             )
         if other.count == 0:
             return self
-        return self._combine(other.count, other.mean_, other.scatter)
+        return self._combine(other.count, other.weight, other.mean_, other.scatter)
 
-    def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor) -> CovarianceAccumulator:
-        total = self.count + n
+    def _combine(
+        self, n: int, weight: torch.Tensor, mean: torch.Tensor, scatter: torch.Tensor
+    ) -> CovarianceAccumulator:
+        total = self.weight + weight  # [H]
         delta = mean - self.mean_
-        self.scatter = self.scatter + scatter + torch.einsum("hi,hj->hij", delta, delta) * (self.count * n / total)
-        self.mean_ = self.mean_ + delta * (n / total)
-        self.count = total
+        cross = (self.weight * weight / total)[:, None, None]
+        self.scatter = self.scatter + scatter + torch.einsum("hi,hj->hij", delta, delta) * cross
+        self.mean_ = self.mean_ + delta * (weight / total)[:, None]
+        self.weight = total
+        self.count += n
         return self
 
     def _require_data(self) -> None:
@@ -74,9 +93,9 @@ class CovarianceAccumulator:
 
     @property
     def covariance(self) -> torch.Tensor:
-        """Population covariance ``[H, D, D]`` float64."""
+        """Population (weighted) covariance ``[H, D, D]`` float64."""
         self._require_data()
-        return self.scatter / self.count
+        return self.scatter / self.weight[:, None, None]
 
     @property
     def second_moment(self) -> torch.Tensor:

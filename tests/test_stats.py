@@ -80,3 +80,24 @@ def test_bad_inputs_raise():
         acc.merge(CovarianceAccumulator(3, 4))
     with pytest.raises(ValueError):
         CovarianceAccumulator(0, 4)
+
+
+@given(st.lists(st.integers(0, 4), min_size=2, max_size=12), st.integers(0, 999))
+def test_integer_weights_equal_repeating_vectors(weights, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(weights), 2, 3, generator=g, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)[:, None].expand(-1, 2)
+    if w.sum() == 0:
+        return
+    weighted = CovarianceAccumulator(2, 3).update(x, w)
+    repeated = CovarianceAccumulator(2, 3).update(x.repeat_interleave(torch.tensor(weights), 0))
+    assert torch.allclose(weighted.mean, repeated.mean, atol=1e-10)
+    assert torch.allclose(weighted.covariance, repeated.covariance, atol=1e-10)
+
+
+def test_bad_weights_raise():
+    acc = CovarianceAccumulator(1, 2)
+    with pytest.raises(ValueError, match="non-negative"):
+        acc.update(torch.ones(3, 1, 2), torch.tensor([[1.0], [-1.0], [1.0]]))
+    with pytest.raises(ValueError, match="do not match"):
+        acc.update(torch.ones(3, 1, 2), torch.ones(4, 1))
