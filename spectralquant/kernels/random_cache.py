@@ -52,7 +52,9 @@ def random_compressed_kv(
     **config,
 ) -> CompressedKV:
     """A snapshot with ``compressed`` history tokens, ``window`` exact recent tokens and
-    ``sinks`` exact sink tokens per row (sink positions random in ``[0, 4)``)."""
+    ``sinks`` exact sink tokens per row (sink positions random in ``[0, 4)``), on ``device``.
+    ``quantizers`` (key, value; on the CPU) default to :func:`random_quantizer` of the given bits
+    and ``config``; ``encode=False`` fills records with random bytes instead of real encodings."""
     gen = torch.Generator().manual_seed(seed)
     if quantizers is None:
         quantizers = (
