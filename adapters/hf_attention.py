@@ -80,28 +80,30 @@ def attention_probabilities(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     softcap: float | None = None,
+    stride: int = 1,
     block: int = 512,
 ) -> torch.Tensor:
     """Softmax attention weights summed over queries, per KV head: ``[B, H, T]``, the attention
     each key receives. ``query [B, Hq, L, D]`` (GQA groups share a KV head), ``key [B, H, T, D]``,
     ``attention_mask`` as transformers builds it (bool, True = attend, or additive float,
-    ``[B, 1, L, T]``) or None for plain causal attention. Computed in query blocks of ``block``."""
+    ``[B, 1, L, T]``) or None for plain causal attention. Only every ``stride``-th query row is
+    used (an unbiased estimate up to the factor ``stride``); computed in blocks of ``block`` rows."""
     b, hq, lq, d = query.shape
     h, t = key.shape[1], key.shape[2]
     scale = d**-0.5 if scaling is None else scaling
-    q = query.float().reshape(b, h, hq // h, lq, d)
+    rows_all = torch.arange(0, lq, stride, device=key.device)
+    q = query.float()[:, :, rows_all].reshape(b, h, hq // h, rows_all.numel(), d)
     k = key.float()
     mass = torch.zeros(b, h, t, device=key.device)
-    for start in range(0, lq, block):
-        qs = q[:, :, :, start : start + block]
-        s = torch.einsum("bhgld,bhtd->bhglt", qs, k) * scale
+    for start in range(0, rows_all.numel(), block):
+        rows = rows_all[start : start + block]
+        s = torch.einsum("bhgld,bhtd->bhglt", q[:, :, :, start : start + block], k) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
-        rows = torch.arange(start, start + qs.shape[3], device=key.device)[:, None] + (t - lq)
         if attention_mask is None:
-            s = s.masked_fill(torch.arange(t, device=key.device) > rows, float("-inf"))
+            s = s.masked_fill(torch.arange(t, device=key.device) > rows[:, None] + (t - lq), float("-inf"))
         else:
-            m = attention_mask[:, :, start : start + qs.shape[3]][:, :, None]
+            m = attention_mask[:, :, rows][:, :, None]
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
         mass += torch.softmax(s, dim=-1).nan_to_num(0.0).sum((2, 3))
     return mass

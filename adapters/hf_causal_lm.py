@@ -13,6 +13,7 @@ its own (plain ``model(...)`` calls and ``model.generate``).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -65,11 +66,14 @@ class HFCausalLMAdapter(Adapter):
         tokenizer=None,
         texts: Iterable[str] | None = None,
         token_ids: torch.Tensor | None = None,
-        seq_len: int = 1024,
-        max_tokens: int = 8192,
+        seq_len: int = 2048,
+        max_tokens: int = 6144,
         skip_first: int = 4,
         samples_per_layer: int = 0,
         attention_weighted: bool = True,
+        position_copies: int = 2,
+        max_position: int | None = None,
+        seed: int = 0,
         progress: bool = True,
     ) -> Calibration:
         """Run text through the model, capturing K/V and queries per layer and KV head.
@@ -80,6 +84,12 @@ class HFCausalLMAdapter(Adapter):
         of each sequence (attention sinks, kept in fp16 anyway) are left out of the statistics.
         ``attention_weighted`` weights each token by the attention it receives (see the module
         docstring); ``samples_per_layer`` keeps raw vectors for fitted codebooks.
+
+        Keys are stored post-RoPE, so their distribution depends on position; a short calibration
+        would miss the positions of a long context. Because RoPE is a rotation group, a key seen at
+        position ``p`` is the key at ``p + delta`` rotated back by ``delta``: each key is also
+        added ``position_copies`` times, rotated by offsets drawn uniformly from
+        ``[0, max_position - p)`` (default: the model's ``max_position_embeddings``).
         """
         if token_ids is None:
             if tokenizer is None:
@@ -95,15 +105,25 @@ class HFCausalLMAdapter(Adapter):
         device = next(self.model.parameters()).device
         bar = tqdm(total=token_ids.numel(), desc="calibrating", unit="tok", disable=not progress)
         s = skip_first
+        limit = max_position or getattr(self.text_config, "max_position_embeddings", None) or token_ids.shape[1]
+        generator = torch.Generator().manual_seed(seed)
 
         def on_attention(module, query, key, value, mask, options) -> None:
             weights = None
             if attention_weighted:
-                mass = attention_probabilities(query, key, mask, options.get("scaling"), options.get("softcap"))
+                # A quarter of the query rows estimates the attention each key receives well enough.
+                mass = attention_probabilities(
+                    query, key, mask, options.get("scaling"), options.get("softcap"), stride=4
+                )
                 mass = mass[:, :, s:]
                 weights = (1 + mass / mass.mean(-1, keepdim=True).clamp_min(1e-30)).transpose(1, 2)
             builder.add(module.layer_idx, "key", key[:, :, s:].transpose(1, 2), weights)
             builder.add(module.layer_idx, "value", value[:, :, s:].transpose(1, 2), weights)
+            positions = torch.arange(s, key.shape[2])
+            for _ in range(position_copies if limit > key.shape[2] else 0):
+                delta = (torch.rand(positions.shape, generator=generator) * (limit - positions)).long()
+                moved = self.rotate_positions(module.layer_idx, key[:, :, s:], delta.to(key.device))
+                builder.add(module.layer_idx, "key", moved.transpose(1, 2), weights)
             builder.add_query(module.layer_idx, query[:, :, s:].transpose(1, 2))
 
         with torch.inference_mode(), capture_attention(self.model, on_attention):
@@ -112,12 +132,30 @@ class HFCausalLMAdapter(Adapter):
                 bar.update(row.numel())
         bar.close()
         info = {
+            "position_copies": position_copies,
+            "max_position": int(limit),
             "tokens": int(token_ids.numel()),
             "sequences": int(token_ids.shape[0]),
             "seq_len": int(token_ids.shape[1]),
             "attention_weighted": attention_weighted,
         }
         return builder.build(info)
+
+    def rotate_positions(self, layer: int, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` moved ``delta [T]`` positions later: rotated by the
+        model's own rotary embedding at those offsets (its attention scaling divided out, so this
+        is a pure rotation; a partial rotary dimension rotates only the leading dims)."""
+        rotary = self.model.get_decoder().rotary_emb
+        args = {}
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            args["layer_type"] = self.text_config.layer_types[layer]
+        cos, sin = rotary(keys, delta[None], **args)  # [1, T, R]
+        norm = (cos**2 + sin**2).sqrt().clamp_min(1e-12)
+        cos, sin = (cos / norm)[:, None].to(keys.dtype), (sin / norm)[:, None].to(keys.dtype)
+        r = cos.shape[-1]
+        rot, rest = keys[..., :r], keys[..., r:]
+        half = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], dim=-1)
+        return torch.cat([rot * cos + half * sin, rest], dim=-1)
 
     # ------------------------------------------------------------------------------- install
 

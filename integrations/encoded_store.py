@@ -19,12 +19,15 @@ GRANULE = 64
 
 
 class EncodedStore:
-    """Records ``[B, H, cap, R]`` uint8 and optional fp16 scales / QJL norms ``[B, H, cap]``."""
+    """Records ``[B, H, cap, R]`` uint8, optional scales (uint8 or fp16) and fp16 QJL norms ``[B, H, cap]``."""
 
-    def __init__(self, batch: int, heads: int, record_bytes: int, scales: bool, qjl: bool, device):
+    def __init__(
+        self, batch: int, heads: int, record_bytes: int, scale_dtype: torch.dtype | None, qjl: bool, device
+    ):
         records = torch.empty(batch, heads, 0, record_bytes, dtype=torch.uint8, device=device)
-        side = torch.empty(batch, heads, 0, dtype=torch.float16, device=device)
-        self.buffers: list[torch.Tensor | None] = [records, side if scales else None, side.clone() if qjl else None]
+        scales = None if scale_dtype is None else torch.empty(batch, heads, 0, dtype=scale_dtype, device=device)
+        qjl_norms = torch.empty(batch, heads, 0, dtype=torch.float16, device=device) if qjl else None
+        self.buffers: list[torch.Tensor | None] = [records, scales, qjl_norms]
         self.start = 0
         self.length = 0
 

@@ -76,7 +76,8 @@ class CompressedLayer(CacheLayerMixin):
             self.codec = self.codec.to(self.device)
             for kind in ("key", "value"):
                 q = getattr(self.codec, kind)
-                store = EncodedStore(b, h, q.record_bytes, q.config.scale, q.config.qjl_dims > 0, self.device)
+                scale_dtype = (torch.uint8 if q.config.scale_bits == 8 else torch.float16) if q.config.scale else None
+                store = EncodedStore(b, h, q.record_bytes, scale_dtype, q.config.qjl_dims > 0, self.device)
                 setattr(self, f"{kind[0]}_store", store)
         pad = self.pad_lengths
         self.sink_pos = pad.to(self.device) if pad is not None else torch.zeros(b, dtype=torch.long, device=self.device)

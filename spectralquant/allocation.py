@@ -43,6 +43,8 @@ def waterfill(
     d = weights.shape[-1]
     budget = total_bits(avg_bits, d, min_bits, max_bits)
     w = weights.to(torch.float64).clamp_min(0).reshape(-1, d)
+    if budget == max_bits * d:
+        return torch.full(weights.shape, max_bits, dtype=torch.int64)
     bits = torch.full_like(w, min_bits, dtype=torch.int64)
     priority = w * 4.0 ** (-min_bits)
     rows = torch.arange(w.shape[0])

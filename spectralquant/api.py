@@ -21,10 +21,13 @@ def calibrate(model: Any, tokenizer: Any = None, texts=None, **options) -> Calib
     """Measure per-layer, per-KV-head key/value statistics of ``model``.
 
     For language models: ``tokenizer`` and optional ``texts`` (default: the bundled English
-    corpus); ``options`` go to the adapter (``seq_len``, ``max_tokens``, ``samples_per_layer``,
-    ``progress``, ...).
+    corpus); ``options``: ``seq_len`` (2048), ``max_tokens`` (6144), ``sensitivity`` (True:
+    also measure per-layer sensitivity), ``samples_per_layer``, ``attention_weighted``,
+    ``position_copies``, ``progress``, ``token_ids``.
     """
-    return _adapter(model).calibrate(tokenizer=tokenizer, texts=texts, **options)
+    from .integrations.calibrate import calibrate_model
+
+    return calibrate_model(_adapter(model), tokenizer=tokenizer, texts=texts, **options)
 
 
 def wrap(

@@ -5,7 +5,8 @@ File format (version 1): a safetensors file whose tensors are
 ``layers.{l}.{kind}.{mean|eigenvalues|eigenvectors}`` (float32; ``kind`` in ``key``/``value``),
 optional ``layers.{l}.query.moment`` and ``layers.{l}.{kind}.samples``, and whose string metadata
 holds ``format``, ``format_version``, ``signature`` (JSON), ``counts`` (JSON), ``info`` (JSON) and
-``sha256`` of all tensor bytes. Loading validates all of it.
+``sha256`` of all tensor bytes; an optional ``sensitivity [L, 2]`` tensor holds measured per-layer
+costs. Loading validates all of it.
 """
 
 from __future__ import annotations
@@ -134,8 +135,15 @@ class Calibration:
     signature: ModelSignature
     layers: list[LayerCalibration]
     info: dict = field(default_factory=dict)
+    sensitivity: torch.Tensor | None = None  # [L, 2]: KL cost of compressing each layer's keys / values
 
     def __post_init__(self):
+        if self.sensitivity is not None:
+            self.sensitivity = self.sensitivity.detach().to("cpu", torch.float32).contiguous()
+            if self.sensitivity.shape != (self.signature.num_layers, 2):
+                raise ValueError(
+                    f"sensitivity must be [{self.signature.num_layers}, 2], got {tuple(self.sensitivity.shape)}"
+                )
         if len(self.layers) != self.signature.num_layers:
             raise ValueError(f"{len(self.layers)} layer entries for a {self.signature.num_layers}-layer signature")
         for i, layer in enumerate(self.layers):
@@ -183,6 +191,8 @@ class Calibration:
                     tensors[f"layers.{i}.{kind}.samples"] = stats.samples
             if layer.query_moment is not None:
                 tensors[f"layers.{i}.query.moment"] = layer.query_moment
+        if self.sensitivity is not None:
+            tensors["sensitivity"] = self.sensitivity
         return tensors
 
     def save(self, path: str | os.PathLike) -> None:
@@ -227,7 +237,7 @@ class Calibration:
             counts = json.loads(metadata["counts"])
             info = json.loads(metadata.get("info", "{}"))
             layers = [_read_layer(tensors, i, counts[i]) for i in range(signature.num_layers)]
-            calib = cls(signature, layers, info)
+            calib = cls(signature, layers, info, tensors.get("sensitivity"))
         except (KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path!r} is missing or has malformed calibration entries: {exc!r}") from exc
         _validate(calib, path)
@@ -249,13 +259,18 @@ def _read_layer(tensors: dict[str, torch.Tensor], i: int, counts: list[int]) -> 
     for k, kind in enumerate(KINDS):
         p = f"layers.{i}.{kind}."
         kinds[kind] = KVStats(
-            tensors[p + "mean"], tensors[p + "eigenvalues"], tensors[p + "eigenvectors"], int(counts[k]),
+            tensors[p + "mean"],
+            tensors[p + "eigenvalues"],
+            tensors[p + "eigenvectors"],
+            int(counts[k]),
             tensors.get(p + "samples"),
         )
     return LayerCalibration(kinds["key"], kinds["value"], tensors.get(f"layers.{i}.query.moment"))
 
 
 def _validate(calib: Calibration, path: str) -> None:
+    if calib.sensitivity is not None and (not torch.isfinite(calib.sensitivity).all() or (calib.sensitivity < 0).any()):
+        raise ValueError(f"{path!r}: sensitivities must be finite and non-negative")
     for i, layer in enumerate(calib.layers):
         for kind in KINDS:
             s = getattr(layer, kind)

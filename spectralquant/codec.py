@@ -8,6 +8,7 @@ import torch
 
 from .calibration import Calibration
 from .config import CompressionConfig
+from .layer_budget import allocate_layer_bits
 from .quantizer import Quantizer
 
 
@@ -29,6 +30,39 @@ class LayerCodec:
         return self
 
 
+def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tuple[float, float]]:
+    """The (key, value) average bits of every layer under ``config``."""
+    sig = calibration.signature
+    n = sig.num_layers
+    if config.layer_bits:
+        if len(config.layer_bits) != n:
+            raise ValueError(f"layer_bits lists {len(config.layer_bits)} layers but the model has {n}")
+        return list(config.layer_bits)
+    if config.layer_budget == "uniform" or (config.layer_budget == "auto" and calibration.sensitivity is None):
+        return [(config.key.bits, config.value.bits)] * n
+    if calibration.sensitivity is None:
+        raise ValueError(
+            "layer_budget='sensitivity' needs a calibration with measured sensitivities: "
+            "calibrate with sq.calibrate(model, tokenizer) (sensitivity=True), or use layer_budget='uniform'"
+        )
+    sizes = torch.tensor([h * d for h, d in zip(sig.kv_heads, sig.head_dims)])
+    lo = max(config.key.min_bits, config.value.min_bits, 1)
+    hi = min(config.key.max_bits, config.value.max_bits)
+    # Steps of one 32-bit word per head: records are padded to whole words (see packing).
+    step = 32 / min(sig.head_dims)
+    bits = allocate_layer_bits(
+        calibration.sensitivity,
+        sizes,
+        config.key.bits,
+        config.value.bits,
+        float(calibration.info.get("sensitivity_bits", 2.0)),
+        step=step,
+        min_bits=lo,
+        max_bits=hi,
+    )
+    return [(float(k), float(v)) for k, v in bits.tolist()]
+
+
 def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[LayerCodec | None]:
     """One codec per layer (``None`` for layers listed in ``config.fp16_layers``)."""
     n = calibration.signature.num_layers
@@ -36,14 +70,14 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
     if bad:
         raise ValueError(f"fp16_layers {bad} are out of range for a {n}-layer model")
     codecs: list[LayerCodec | None] = []
-    for i, layer in enumerate(calibration.layers):
+    for i, (layer, (kb, vb)) in enumerate(zip(calibration.layers, layer_bits(calibration, config))):
         if i in config.fp16_layers:
             codecs.append(None)
             continue
         codecs.append(
             LayerCodec(
-                Quantizer.from_stats(layer.key, config.key, seed_offset=2 * i),
-                Quantizer.from_stats(layer.value, config.value, seed_offset=2 * i + 1),
+                Quantizer.from_stats(layer.key, config.key.with_(bits=kb), seed_offset=2 * i),
+                Quantizer.from_stats(layer.value, config.value.with_(bits=vb), seed_offset=2 * i + 1),
             )
         )
     return codecs

@@ -41,7 +41,9 @@ class QuantizerConfig:
         (randomized Hadamard for power-of-two group sizes, else random orthogonal): the group's
         coordinates become equal-variance and near-Gaussian while the allocation stays.
     center: subtract the calibrated mean first.
-    scale: store a per-vector fp16 scale and quantize ``z / s``.
+    scale: store a per-vector scale ``s`` and quantize ``z / s``.
+    scale_bits: how the scale is stored: 8 (a log-scale byte, 1/16-octave steps, at most 2.2%
+        off) or 16 (fp16).
     qjl_dims: if > 0, a 1-bit QJL sketch of the residual of that many leading coordinates.
     seed: seed for random rotations and the QJL projection.
     """
@@ -52,9 +54,10 @@ class QuantizerConfig:
     rotation: str = "spectral"
     allocation: str = "waterfill"
     codebook: str = "gaussian"
-    mix_bands: bool = False
+    mix_bands: bool = True
     center: bool = True
     scale: bool = True
+    scale_bits: int = 8
     qjl_dims: int = 0
     seed: int = 0
 
@@ -68,6 +71,8 @@ class QuantizerConfig:
             raise ValueError(f"need 0 <= min_bits <= max_bits <= {MAX_BITS}, got {self.min_bits}, {self.max_bits}")
         if not self.min_bits <= self.bits <= self.max_bits:
             raise ValueError(f"bits={self.bits} is outside [min_bits, max_bits] = [{self.min_bits}, {self.max_bits}]")
+        if self.scale_bits not in (8, 16):
+            raise ValueError(f"scale_bits must be 8 (log byte) or 16 (fp16), got {self.scale_bits}")
         if self.qjl_dims < 0:
             raise ValueError(f"qjl_dims must be >= 0, got {self.qjl_dims}")
 
@@ -86,7 +91,8 @@ class QuantizerConfig:
 
 @dataclass
 class Encoded:
-    """Encoded vectors: ``records`` uint8 ``[..., H, R]``, per-vector ``scales`` fp16 ``[..., H]``
+    """Encoded vectors: ``records`` uint8 ``[..., H, R]``, per-vector ``scales`` ``[..., H]`` (uint8
+    log-scale codes or fp16, see :func:`encode_scale`)
     (None without scaling) and QJL residual norms fp16 ``[..., H]`` (None without QJL)."""
 
     records: torch.Tensor
@@ -125,8 +131,11 @@ class Quantizer:
     ):
         h, d = mean.shape
         if (
-            basis.shape != (h, d, d) or sigma.shape != (h, d) or widths.shape != (h, d)
-            or unit_levels.shape[:2] != (h, MAX_BITS + 1) or trace.shape != (h,)
+            basis.shape != (h, d, d)
+            or sigma.shape != (h, d)
+            or widths.shape != (h, d)
+            or unit_levels.shape[:2] != (h, MAX_BITS + 1)
+            or trace.shape != (h,)
         ):
             raise ValueError("basis, mean, sigma, widths, unit_levels and trace disagree on heads/head_dim")
         self.config = config
@@ -197,8 +206,14 @@ class Quantizer:
         sl = slice(h, h + 1)
         qjl = self.qjl_matrix[sl] if self.qjl_matrix is not None else None
         return Quantizer(
-            self.basis[sl], self.mean[sl], self.sigma[sl], self.widths[sl], self.unit_levels[sl], self.trace[sl],
-            self.config, qjl,
+            self.basis[sl],
+            self.mean[sl],
+            self.sigma[sl],
+            self.widths[sl],
+            self.unit_levels[sl],
+            self.trace[sl],
+            self.config,
+            qjl,
         )
 
     # -------------------------------------------------------------------------------- properties
@@ -211,7 +226,9 @@ class Quantizer:
     @property
     def bytes_per_vector(self) -> int:
         """Record plus the fp16 side values (scale, QJL norm) stored per vector."""
-        return self.record_bytes + 2 * int(self.config.scale) + 2 * int(self.config.qjl_dims > 0)
+        return (
+            self.record_bytes + self.config.scale_bits // 8 * int(self.config.scale) + 2 * int(self.config.qjl_dims > 0)
+        )
 
     def nbytes(self) -> int:
         """Bytes of this quantizer's own tables (basis, mean, sigma, codebooks)."""
@@ -247,18 +264,18 @@ class Quantizer:
         return torch.einsum("...hd,hde->...he", x.float() - self.mean.to(x.device), self.basis.to(x.device))
 
     def _scale_of(self, z: torch.Tensor) -> torch.Tensor:
-        """fp16 per-vector scale ``|z| / sqrt(trace)`` (``trace`` = 0 falls back to ``|z|``)."""
+        """Stored per-vector scale of ``|z| / sqrt(trace)`` (``trace`` = 0 falls back to ``|z|``)."""
         norm = torch.linalg.vector_norm(z, dim=-1)
         trace = self.trace.to(z.device)
         ref = torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt()
-        return (norm / ref).to(torch.float16)
+        return encode_scale(norm / ref, self.config.scale_bits)
 
     def _normalize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(z / s, s)`` with the fp16 per-vector scale ``s`` (``(z, None)`` without scaling)."""
+        """``(z / s, stored s)`` with the per-vector scale as stored (``(z, None)`` without scaling)."""
         if not self.config.scale:
             return z, None
         scales = self._scale_of(z)
-        s = scales.float()[..., None]
+        s = decode_scale(scales)[..., None]
         return torch.where(s > 0, z / s.clamp_min(1e-30), torch.zeros_like(z)), scales
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,13 +342,34 @@ class Quantizer:
         z = self._levels_of(codes[..., : self.dim])
         if self.config.qjl_dims:
             k = self.config.qjl_dims
-            signs = codes[..., self.dim:].float() * 2 - 1
+            signs = codes[..., self.dim :].float() * 2 - 1
             est = torch.einsum("...hj,hjk->...hk", signs, self.qjl_matrix.to(z.device))
-            z = torch.cat([z[..., :k] + est * (math.sqrt(math.pi / 2) / k) * enc.qjl_norms.float()[..., None],
-                           z[..., k:]], -1)
+            z = torch.cat(
+                [z[..., :k] + est * (math.sqrt(math.pi / 2) / k) * enc.qjl_norms.float()[..., None], z[..., k:]], -1
+            )
         if enc.scales is not None:
-            z = z * enc.scales.float()[..., None]
+            z = z * decode_scale(enc.scales)[..., None]
         return z
+
+
+SCALE_STEPS_PER_OCTAVE = 16
+
+
+def encode_scale(s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Store non-negative scales: ``bits=16`` as fp16; ``bits=8`` as a uint8 log code,
+    ``round(16 * log2(s)) + 128`` clamped to [1, 255] (about 2**-7.9 to 2**7.9), 0 for ``s = 0``."""
+    if bits == 16:
+        return s.to(torch.float16)
+    code = (torch.log2(s.float().clamp_min(1e-30)) * SCALE_STEPS_PER_OCTAVE).round() + 128
+    return torch.where(s > 0, code.clamp(1, 255), torch.zeros_like(code)).to(torch.uint8)
+
+
+def decode_scale(stored: torch.Tensor) -> torch.Tensor:
+    """Scales as float32 from :func:`encode_scale`'s output (uint8 log codes or fp16)."""
+    if stored.dtype != torch.uint8:
+        return stored.float()
+    value = torch.exp2((stored.float() - 128) / SCALE_STEPS_PER_OCTAVE)
+    return torch.where(stored > 0, value, torch.zeros_like(value))
 
 
 def _band_mixing(widths: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -44,6 +44,7 @@ class KernelTables:
     crosses: bool  # some unit straddles two words
     max_width: int
     scaled: bool
+    log_scale: bool  # scales stored as uint8 log codes (else fp16)
     unit_word: torch.Tensor
     unit_shift: torch.Tensor
     slot_shift: torch.Tensor
@@ -136,6 +137,7 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
         crosses=on.pop("crosses"),
         max_width=int(quantizer.widths.max()),
         scaled=quantizer.config.scale,
+        log_scale=quantizer.config.scale_bits == 8,
         **on,
         levels16=levels.to(device, torch.float16),
         levels32=levels.to(device),

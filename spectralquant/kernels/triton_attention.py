@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..compressed_kv import CompressedKV
 from .tables import KernelTables, tables_of, unsupported_reason
-from .triton_codec import load_slot_tables, load_units, unit_levels
+from .triton_codec import load_slot_tables, load_units, stored_to_scale, unit_levels
 
 LOG2E = 1.4426950408889634
 MAX_ROWS = 128  # G * Lq query rows per program
@@ -58,10 +58,10 @@ def _finish_scores(s, SOFTCAP: tl.constexpr, softcap):
 
 
 @triton.jit
-def _load_scales(ptr, offsets, ok, SCALED: tl.constexpr):
-    """Per-token fp16 scales as float32 (ones when the quantizer stores none)."""
+def _load_scales(ptr, offsets, ok, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr):
+    """Per-token scales as float32 (ones when the quantizer stores none)."""
     if SCALED:
-        return tl.load(ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        return stored_to_scale(tl.load(ptr + offsets, mask=ok, other=0), LOG_SCALE)
     return tl.full(offsets.shape, 1.0, tl.float32)
 
 
@@ -90,7 +90,8 @@ def _split_kernel(
     G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     K_S: tl.constexpr, K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
     V_S: tl.constexpr, V_NU: tl.constexpr, V_NW: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr,
-    K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, K_LOG: tl.constexpr, V_LOG: tl.constexpr,
+    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -137,8 +138,8 @@ def _split_kernel(
         t64 = t.to(tl.int64)
         k_lo, k_hi = load_units(k_rec, t64 * skt, t_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
         v_lo, v_hi = load_units(v_rec, t64 * svt, t_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
-        ksc = _load_scales(k_sc, t64 * skst, t_ok, K_SCALED)
-        vsc = _load_scales(v_sc, t64 * svst, t_ok, V_SCALED)
+        ksc = _load_scales(k_sc, t64 * skst, t_ok, K_SCALED, K_LOG)
+        vsc = _load_scales(v_sc, t64 * svst, t_ok, V_SCALED, V_LOG)
         for t0 in range(start, end, BT):
             t = t0 + tl.arange(0, BT)
             t_ok = t < end
@@ -147,8 +148,8 @@ def _split_kernel(
             nt64 = nt.to(tl.int64)
             k_lo_n, k_hi_n = load_units(k_rec, nt64 * skt, nt_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
             v_lo_n, v_hi_n = load_units(v_rec, nt64 * svt, nt_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
-            ksc_n = _load_scales(k_sc, nt64 * skst, nt_ok, K_SCALED)
-            vsc_n = _load_scales(v_sc, nt64 * svst, nt_ok, V_SCALED)
+            ksc_n = _load_scales(k_sc, nt64 * skst, nt_ok, K_SCALED, K_LOG)
+            vsc_n = _load_scales(v_sc, nt64 * svst, nt_ok, V_SCALED, V_LOG)
             uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, K_LUT + h * K_LUTN, K_NU, K_S, K_ALIGNED, K_CROSSES)
             s = tl.dot(qs, tl.trans(uk))
             s = s * ksc[None, :]
@@ -348,7 +349,8 @@ def compressed_attention_triton(
         G=g, LQ=lq, M=m_rows, D=d,
         K_S=kt.slots, K_NU=kt.units, K_NW=kt.words, K_ALIGNED=kt.aligned, K_CROSSES=kt.crosses,
         V_S=vt.slots, V_NU=vt.units, V_NW=vt.words, V_ALIGNED=vt.aligned, V_CROSSES=vt.crosses,
-        K_SCALED=kt.scaled, V_SCALED=vt.scaled, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
+        K_SCALED=kt.scaled, V_SCALED=vt.scaled, K_LOG=kt.log_scale, V_LOG=vt.log_scale,
+        HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
         num_warps=opts["num_warps"],
         **({"maxnreg": opts["maxnreg"]} if opts["maxnreg"] and query.is_cuda else {}),

@@ -21,6 +21,24 @@ CHUNK = 32  # rotation is done in chunks of this many input coordinates
 
 
 @triton.jit
+def stored_to_scale(raw, LOG_SCALE: tl.constexpr):
+    """Stored per-vector scales as float32: uint8 log codes (0 means zero) or fp16 values."""
+    if LOG_SCALE:
+        c = raw.to(tl.float32)
+        return tl.where(c > 0, tl.exp2((c - 128.0) / 16.0), 0.0)
+    return raw.to(tl.float32)
+
+
+@triton.jit
+def scale_to_stored(s, LOG_SCALE: tl.constexpr):
+    """The inverse of :func:`stored_to_scale` (``spectralquant.quantizer.encode_scale``)."""
+    if LOG_SCALE:
+        c = tl.minimum(tl.maximum(tl.floor(tl.log2(tl.maximum(s, 1e-30)) * 16.0 + 128.5), 1.0), 255.0)
+        return tl.where(s > 0, c, 0.0).to(tl.uint8)
+    return s.to(tl.float16)
+
+
+@triton.jit
 def load_units(rec_ptr, row, row_ok, unit_word, NU: tl.constexpr, NW: tl.constexpr, ALIGNED: tl.constexpr,
                CROSSES: tl.constexpr):
     """The raw 32-bit words holding each unit of the records that start at word offsets ``row [R]``
@@ -74,7 +92,8 @@ def _encode_kernel(
     X, sxn, sxh, BASIS, MEAN, SIGMA, NORM_REF, BOUNDS, UWORD, USHIFT, SSHIFT, SMASK,
     REC, srn, srh, SCALES, ssn, n_vectors,
     LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
-    NWP: tl.constexpr, MAXW: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+    NWP: tl.constexpr, MAXW: tl.constexpr, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr, BN: tl.constexpr,
+    KC: tl.constexpr,
 ):
     h = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -88,9 +107,9 @@ def _encode_kernel(
         x = x - tl.load(MEAN + h * D + k)[None, :]
         z += tl.dot(x, tl.load(BASIS + h * D * D + k[:, None] * D + p[None, :]), input_precision="ieee")
     if SCALED:
-        scale = (tl.sqrt(tl.sum(z * z, 1)) / tl.load(NORM_REF + h)).to(tl.float16)
+        scale = scale_to_stored(tl.sqrt(tl.sum(z * z, 1)) / tl.load(NORM_REF + h), LOG_SCALE)
         tl.store(SCALES + n64 * ssn + h, scale, mask=n_ok)
-        s = scale.to(tl.float32)[:, None]
+        s = stored_to_scale(scale, LOG_SCALE)[:, None]
         z = tl.where(s > 0, z / tl.maximum(s, 1e-30), 0.0)
     sigma = tl.load(SIGMA + h * D + p)[None, :]
     u = tl.where(sigma > 0, z / tl.maximum(sigma, 1e-30), 0.0)
@@ -122,7 +141,8 @@ def _decode_kernel(
     REC, srn, srh, SCALES, ssn, BASIS, MEAN, SIGMA, LEVELS, UWORD, USHIFT, SSHIFT, SMASK,
     OUT, son, soh, n_vectors,
     LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
-    ALIGNED: tl.constexpr, CROSSES: tl.constexpr, SCALED: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+    ALIGNED: tl.constexpr, CROSSES: tl.constexpr, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr, BN: tl.constexpr,
+    KC: tl.constexpr,
 ):
     h = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -134,7 +154,7 @@ def _decode_kernel(
     z = unit_levels(lo, hi, ush, ssh, smask, LEVELS + h * LUT, NU, S, ALIGNED, CROSSES)
     z = z * tl.load(SIGMA + h * D + p)[None, :]
     if SCALED:
-        z = z * tl.load(SCALES + n64 * ssn + h, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        z = z * stored_to_scale(tl.load(SCALES + n64 * ssn + h, mask=n_ok, other=0), LOG_SCALE)[:, None]
     for k0 in tl.static_range(0, D, KC):
         k = k0 + tl.arange(0, KC)
         basis_t = tl.load(BASIS + h * D * D + k[None, :] * D + p[:, None])  # [D (stored order), KC]
@@ -149,7 +169,7 @@ def _check(tables: KernelTables, t: torch.Tensor, last: int, what: str) -> None:
 
 def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
     """Triton :meth:`Quantizer.encode`: ``x [..., H, D]`` (any float dtype) to records
-    ``[..., H, R]`` uint8 and fp16 scales ``[..., H]`` (None without scaling)."""
+    ``[..., H, R]`` uint8 and scales ``[..., H]`` as the quantizer stores them (None without scaling)."""
     tables = tables_of(quantizer)
     _check(tables, x, tables.dim, "x")
     lead = x.shape[:-2]
@@ -158,7 +178,8 @@ def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
         flat = flat.contiguous()
     n = flat.shape[0]
     records = torch.empty(n, tables.heads, tables.record_bytes, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(n, tables.heads, dtype=torch.float16, device=x.device) if tables.scaled else None
+    scale_dtype = torch.uint8 if tables.log_scale else torch.float16
+    scales = torch.empty(n, tables.heads, dtype=scale_dtype, device=x.device) if tables.scaled else None
     words = records.view(torch.int32)
     _encode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
         flat, flat.stride(0), flat.stride(1), tables.basis_p, tables.mean, tables.sigma_p, tables.norm_ref,
@@ -166,6 +187,7 @@ def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
         words, words.stride(0), words.stride(1), scales if scales is not None else records, tables.heads, n,
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
         NWP=triton.next_power_of_2(tables.words), MAXW=tables.max_width, SCALED=tables.scaled,
+        LOG_SCALE=tables.log_scale,
         BN=BLOCK_N, KC=min(CHUNK, tables.dim),
     )
     return Encoded(
@@ -191,6 +213,7 @@ def decode(quantizer: Quantizer, enc: Encoded) -> torch.Tensor:
         tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
         out, out.stride(0), out.stride(1), n,
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
-        ALIGNED=tables.aligned, CROSSES=tables.crosses, SCALED=tables.scaled, BN=BLOCK_N, KC=min(CHUNK, tables.dim),
+        ALIGNED=tables.aligned, CROSSES=tables.crosses, SCALED=tables.scaled, LOG_SCALE=tables.log_scale,
+        BN=BLOCK_N, KC=min(CHUNK, tables.dim),
     )
     return out.reshape(*lead, tables.heads, tables.dim)

@@ -1,0 +1,53 @@
+"""Calibration of a whole model: the adapter's statistics, plus (for causal LMs) the measured
+per-layer sensitivity that spreads bits across layers."""
+
+from __future__ import annotations
+
+from spectralquant.adapters import Adapter
+from spectralquant.adapters.hf_causal_lm import HFCausalLMAdapter, tokenize_for_calibration
+
+from spectralquant.calibration import Calibration
+from spectralquant.corpus import default_calibration_texts
+
+from .sensitivity import measure_sensitivity
+
+SENSITIVITY_PREFIX = 512
+SENSITIVITY_SUFFIX = 128
+SENSITIVITY_BITS = 2.0
+
+
+def calibrate_model(
+    adapter: Adapter,
+    tokenizer=None,
+    texts=None,
+    token_ids=None,
+    seq_len: int = 2048,
+    max_tokens: int = 6144,
+    sensitivity: bool = True,
+    progress: bool = True,
+    **options,
+) -> Calibration:
+    """Calibrate ``adapter``'s model. For causal LMs, text is tokenized here (``token_ids`` wins
+    over ``texts``; default: the bundled corpus), and unless ``sensitivity=False`` one row is also
+    used to measure each layer's sensitivity (``2 * layers`` short forwards)."""
+    if not isinstance(adapter, HFCausalLMAdapter):
+        return adapter.calibrate(tokenizer=tokenizer, texts=texts, progress=progress, **options)
+    if token_ids is None:
+        if tokenizer is None:
+            raise ValueError(
+                "calibrating a language model needs a tokenizer (or token_ids): sq.calibrate(model, tokenizer)"
+            )
+        token_ids = tokenize_for_calibration(
+            tokenizer, default_calibration_texts() if texts is None else texts, seq_len, max_tokens
+        )
+    calibration = adapter.calibrate(token_ids=token_ids, progress=progress, **options)
+    if sensitivity:
+        length = token_ids.shape[1]
+        prefix = min(SENSITIVITY_PREFIX, (3 * length) // 4)
+        row = token_ids[:1, : prefix + min(SENSITIVITY_SUFFIX, length - prefix)]
+        calibration.sensitivity = measure_sensitivity(
+            adapter, calibration, row, prefix, probe_bits=SENSITIVITY_BITS, progress=progress
+        )
+        calibration.info["sensitivity_bits"] = SENSITIVITY_BITS
+        calibration.info["sensitivity_tokens"] = [prefix, int(row.shape[1] - prefix)]
+    return calibration
