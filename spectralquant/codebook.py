@@ -111,3 +111,42 @@ def fit_lloyd(
         if delta < tol:
             break
     return levels.reshape(*lead, n)
+
+
+POLY_DEGREES = (1, 3, 5)  # odd powers of the centred code index
+
+
+def poly_basis(bits: int) -> torch.Tensor:
+    """``[2**bits, 3]``: the odd powers ``m, m**3, m**5`` of the centred code index
+    ``m = code - (2**bits - 1) / 2`` (float64)."""
+    m = torch.arange(2**bits, dtype=torch.float64) - (2**bits - 1) / 2
+    return torch.stack([m**p for p in POLY_DEGREES], -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_poly(bits: int) -> tuple[float, ...]:
+    if bits == 0:
+        return (0.0, 0.0, 0.0)
+    # Deterministic quadrature of the standard normal on a fine grid.
+    x = torch.linspace(-9, 9, 120_001, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * x * x)
+    pdf = pdf / pdf.sum()
+    basis = poly_basis(bits)
+    coef = torch.linalg.lstsq(basis, gaussian_levels(bits)[:, None]).solution[:, 0]
+    for _ in range(200):  # Lloyd: assign to nearest level, then weighted least squares on the coefficients
+        levels = basis @ coef
+        codes = quantize(x, boundaries_of(torch.sort(levels).values))
+        a = basis[codes] * pdf.sqrt()[:, None]
+        new = torch.linalg.lstsq(a, (x * pdf.sqrt())[:, None]).solution[:, 0]
+        if (new - coef).abs().max() < 1e-12:
+            break
+        coef = new
+    return tuple(coef.tolist())
+
+
+def gaussian_poly_coeffs(bits: int) -> torch.Tensor:
+    """Coefficients ``[3]`` of the odd quintic whose values at the centred code indices are the
+    MSE-optimal ``bits``-bit levels for a standard normal among such polynomials. A kernel can
+    compute these levels with a few multiply-adds instead of a table lookup; they lose at most
+    0.5% MSE to Lloyd-Max up to 3 bits and a few percent above."""
+    return torch.tensor(_gaussian_poly(_check_bits(bits)), dtype=torch.float64)

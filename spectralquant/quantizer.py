@@ -16,14 +16,14 @@ import torch
 
 from .allocation import uniform_bits, waterfill
 from .calibration import KVStats
-from .codebook import MAX_BITS, fit_lloyd, gaussian_levels, quantize
+from .codebook import MAX_BITS, fit_lloyd, gaussian_levels, gaussian_poly_coeffs, poly_basis, quantize
 from .packing import RecordLayout
 from .rotation import random_orthogonal, randomized_hadamard
 from .stats import Spectrum
 
 ROTATIONS = ("spectral", "random", "hadamard", "identity")
 ALLOCATIONS = ("waterfill", "uniform")
-CODEBOOKS = ("gaussian", "fitted")
+CODEBOOKS = ("gaussian", "poly", "fitted")
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,10 @@ class QuantizerConfig:
     rotation: ``spectral`` (calibrated eigenbasis), ``random`` (Haar orthogonal), ``hadamard``
         (randomized Hadamard) or ``identity``.
     allocation: ``waterfill`` (by per-coordinate variance) or ``uniform``.
-    codebook: ``gaussian`` (Lloyd-Max for a normal, scaled per coordinate) or ``fitted`` (Lloyd
-        fit to the calibration's sample reservoir).
+    codebook: ``gaussian`` (Lloyd-Max for a normal, scaled per coordinate), ``poly`` (levels on an
+        odd quintic of the centred code index, optimal for a normal among those; fused kernels
+        compute them without a table lookup) or ``fitted`` (Lloyd fit to the calibration's
+        sample reservoir).
     mix_bands: after allocation, rotate each group of equal-width coordinates among themselves
         (randomized Hadamard for power-of-two group sizes, else random orthogonal): the group's
         coordinates become equal-variance and near-Gaussian while the allocation stays.
@@ -53,7 +55,7 @@ class QuantizerConfig:
     max_bits: int = MAX_BITS
     rotation: str = "spectral"
     allocation: str = "waterfill"
-    codebook: str = "gaussian"
+    codebook: str = "poly"
     mix_bands: bool = True
     center: bool = True
     scale: bool = True
@@ -147,6 +149,8 @@ class Quantizer:
         self.unit_levels = unit_levels.float().contiguous()
         self.trace = trace.float()
         self.qjl_matrix = qjl_matrix.float() if qjl_matrix is not None else None
+        # [H, 9, 3] odd-quintic coefficients when unit_levels come from them (codebook "poly").
+        self.poly_coeffs: torch.Tensor | None = None
         qjl = config.qjl_dims
         stream = self.widths if not qjl else torch.cat([self.widths, torch.ones(h, qjl, dtype=torch.int64)], -1)
         self.layout = RecordLayout(stream)
@@ -189,6 +193,12 @@ class Quantizer:
         qjl = None
         if config.qjl_dims:
             qjl = torch.randn(h, config.qjl_dims, config.qjl_dims, generator=gen, dtype=torch.float64)
+        if config.codebook == "poly":
+            coeffs = torch.stack([gaussian_poly_coeffs(b) for b in range(MAX_BITS + 1)])
+            units = _poly_unit_levels(coeffs, int(widths.max())).expand(h, -1, -1)
+            quantizer = cls(basis, stats.mean, variances.sqrt(), widths, units, trace, config, qjl)
+            quantizer.poly_coeffs = coeffs.float().expand(h, -1, -1).contiguous()
+            return quantizer
         gaussian = _gaussian_unit_levels(int(widths.max())).expand(h, -1, -1)
         quantizer = cls(basis, stats.mean, variances.sqrt(), widths, gaussian, trace, config, qjl)
         if config.codebook == "gaussian":
@@ -205,16 +215,12 @@ class Quantizer:
         """The quantizer of head ``h`` alone (inputs ``[..., 1, D]``)."""
         sl = slice(h, h + 1)
         qjl = self.qjl_matrix[sl] if self.qjl_matrix is not None else None
-        return Quantizer(
-            self.basis[sl],
-            self.mean[sl],
-            self.sigma[sl],
-            self.widths[sl],
-            self.unit_levels[sl],
-            self.trace[sl],
-            self.config,
-            qjl,
+        one = Quantizer(
+            self.basis[sl], self.mean[sl], self.sigma[sl], self.widths[sl], self.unit_levels[sl], self.trace[sl],
+            self.config, qjl,
         )
+        one.poly_coeffs = self.poly_coeffs[sl] if self.poly_coeffs is not None else None
+        return one
 
     # -------------------------------------------------------------------------------- properties
 
@@ -241,7 +247,7 @@ class Quantizer:
         """A copy whose tables live on ``device``."""
         out = object.__new__(Quantizer)
         out.__dict__.update(self.__dict__)
-        for name in ("basis", "mean", "sigma", "widths", "unit_levels", "trace", "qjl_matrix"):
+        for name in ("basis", "mean", "sigma", "widths", "unit_levels", "trace", "qjl_matrix", "poly_coeffs"):
             t = getattr(self, name)
             setattr(out, name, t.to(device) if t is not None else None)
         return out
@@ -397,6 +403,17 @@ def _gaussian_unit_levels(max_width: int) -> torch.Tensor:
     table = torch.zeros(MAX_BITS + 1, k, dtype=torch.float64)
     for b in range(max_width + 1):
         table[b] = _padded(gaussian_levels(b), k)
+    return table
+
+
+def _poly_unit_levels(coeffs: torch.Tensor, max_width: int) -> torch.Tensor:
+    """``[9, 2**max_width]`` levels of the odd quintics ``coeffs [9, 3]``, evaluated in float32
+    (as kernels evaluate them), padded; unused rows zero."""
+    k = 2**max_width
+    table = torch.zeros(MAX_BITS + 1, k, dtype=torch.float64)
+    for b in range(max_width + 1):
+        levels = poly_basis(b).float() @ coeffs[b].float()
+        table[b] = _padded(levels.double(), k)
     return table
 
 

@@ -18,7 +18,7 @@ def mse(q: Quantizer, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_per_coordinate_error_is_lloyd_max_distortion_times_variance(bits, mix_bands):
     x, stats = anisotropic(40_000, 2, 32, decades=2)
-    q = Quantizer.from_stats(stats, QuantizerConfig(bits=bits, scale=False, mix_bands=mix_bands))
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=bits, scale=False, mix_bands=mix_bands, codebook="gaussian"))
     if not mix_bands:  # the plain eigenbasis: coordinate variances are the eigenvalues
         assert torch.allclose(q.sigma**2, stats.eigenvalues, rtol=1e-4)
     z = q.rotate(x)
@@ -51,7 +51,7 @@ def test_waterfilling_beats_uniform_bits_in_the_eigenbasis():
 
 
 @pytest.mark.parametrize("rotation", ["spectral", "random", "hadamard", "identity"])
-@pytest.mark.parametrize("codebook", ["gaussian", "fitted"])
+@pytest.mark.parametrize("codebook", ["gaussian", "poly", "fitted"])
 def test_every_configuration_round_trips_with_bounded_error(rotation, codebook):
     x, stats = anisotropic(3_000, 2, 48, decades=1)
     stats.samples = x[:1000]
@@ -160,3 +160,14 @@ def test_fp16_scales_are_still_available():
     assert Quantizer.from_stats(stats, QuantizerConfig(bits=3)).bytes_per_vector == q.record_bytes + 1
     with pytest.raises(ValueError, match="scale_bits"):
         QuantizerConfig(scale_bits=12)
+
+
+def test_poly_codebook_tables_are_the_polynomials_kernels_evaluate():
+    from spectralquant.codebook import poly_basis
+
+    x, stats = anisotropic(100, 2, 32)
+    q = Quantizer.from_stats(stats, QuantizerConfig(bits=3, codebook="poly"))
+    assert q.poly_coeffs.shape == (2, 9, 3)
+    for b in q.widths.unique().tolist():
+        assert torch.equal(q.unit_levels[0, b, : 2**b], (poly_basis(b).float() @ q.poly_coeffs[0, b]).float())
+    assert Quantizer.from_stats(stats, QuantizerConfig(bits=3, codebook="gaussian")).poly_coeffs is None
