@@ -123,7 +123,7 @@ def poly_basis(bits: int) -> torch.Tensor:
     return torch.stack([m**p for p in POLY_DEGREES], -1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gaussian_poly(bits: int) -> tuple[float, ...]:
     if bits == 0:
         return (0.0, 0.0, 0.0)
