@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from spectralquant.codec import LayerCodec
 from spectralquant.compressed_kv import CompressedKV
 from spectralquant.config import CompressionConfig
+from spectralquant.kernels import encode
 
 from .encoded_store import EncodedStore
 
@@ -76,8 +77,7 @@ class CompressedLayer(CacheLayerMixin):
             self.codec = self.codec.to(self.device)
             for kind in ("key", "value"):
                 q = getattr(self.codec, kind)
-                scale_dtype = (torch.uint8 if q.config.scale_bits == 8 else torch.float16) if q.config.scale else None
-                store = EncodedStore(b, h, q.record_bytes, scale_dtype, q.config.qjl_dims > 0, self.device)
+                store = EncodedStore(b, h, q.record_bytes, q.scale_dtype, q.has_qjl, self.device, q.block)
                 setattr(self, f"{kind[0]}_store", store)
         pad = self.pad_lengths
         self.sink_pos = pad.to(self.device) if pad is not None else torch.zeros(b, dtype=torch.long, device=self.device)
@@ -141,6 +141,8 @@ class CompressedLayer(CacheLayerMixin):
             self.sink_keys,
             self.sink_values,
             self.sink_pos,
+            self.k_store.skip,
+            self.v_store.skip,
         )
 
     def _sink_positions(self) -> torch.Tensor:
@@ -157,15 +159,8 @@ class CompressedLayer(CacheLayerMixin):
             self.sink_values[rows, :, slots] = v[rows, :, idx].to(self.store_dtype)
 
     def _age_out(self) -> None:
-        """Compress window tokens beyond ``window`` (once ``chunk`` have piled up); trim sliding layers."""
-        n_win = self.keys.shape[-2]
-        if self.codec is not None and n_win >= self.window + self.chunk:
-            move = n_win - self.window
-            self.k_store.append(self.codec.key.encode(self.keys[:, :, :move].transpose(1, 2)))
-            self.v_store.append(self.codec.value.encode(self.values[:, :, :move].transpose(1, 2)))
-            # Copies, so the aged-out fp16 rows are really freed.
-            self.keys = self.keys[:, :, move:].clone()
-            self.values = self.values[:, :, move:].clone()
+        """Trim sliding layers to their window, then compress window tokens beyond ``window`` (once
+        ``chunk`` have piled up). Trimming first means tokens about to be dropped are never encoded."""
         if self.is_sliding:
             excess = self.held - (self.sliding_window - 1)
             if excess > 0:
@@ -176,6 +171,15 @@ class CompressedLayer(CacheLayerMixin):
                 if excess > from_store:
                     self.keys = self.keys[:, :, excess - from_store :].clone()
                     self.values = self.values[:, :, excess - from_store :].clone()
+        n_win = self.keys.shape[-2]
+        if self.codec is not None and n_win >= self.window + self.chunk:
+            block = max(self.codec.key.block, self.codec.value.block)
+            move = (n_win - self.window) // block * block
+            self.k_store.append(encode(self.codec.key, self.keys[:, :, :move].transpose(1, 2)))
+            self.v_store.append(encode(self.codec.value, self.values[:, :, :move].transpose(1, 2)))
+            # (Triton encode on CUDA.) Copies, so the aged-out fp16 rows are really freed.
+            self.keys = self.keys[:, :, move:].clone()
+            self.values = self.values[:, :, move:].clone()
 
     # ------------------------------------------------------------------------- batch and length ops
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .baselines import baseline_codec
 from .calibration import Calibration
 from .config import CompressionConfig
 from .layer_budget import allocate_layer_bits
@@ -16,7 +17,7 @@ from .quantizer import Quantizer
 class LayerCodec:
     """The key and value quantizers of one layer."""
 
-    key: Quantizer
+    key: Quantizer  # or a baseline codec with the same encode/decode contract
     value: Quantizer
 
     def to(self, device: torch.device | str) -> LayerCodec:
@@ -38,7 +39,11 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
         if len(config.layer_bits) != n:
             raise ValueError(f"layer_bits lists {len(config.layer_bits)} layers but the model has {n}")
         return list(config.layer_bits)
-    if config.layer_budget == "uniform" or (config.layer_budget == "auto" and calibration.sensitivity is None):
+    if (
+        config.method != "spectralquant"
+        or config.layer_budget == "uniform"
+        or (config.layer_budget == "auto" and calibration.sensitivity is None)
+    ):
         return [(config.key.bits, config.value.bits)] * n
     if calibration.sensitivity is None:
         raise ValueError(
@@ -73,6 +78,14 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
     for i, (layer, (kb, vb)) in enumerate(zip(calibration.layers, layer_bits(calibration, config))):
         if i in config.fp16_layers:
             codecs.append(None)
+            continue
+        if config.method != "spectralquant":
+            codecs.append(
+                LayerCodec(
+                    baseline_codec(config.method, "key", layer.key, kb, seed=2 * i),
+                    baseline_codec(config.method, "value", layer.value, vb, seed=2 * i + 1),
+                )
+            )
             continue
         codecs.append(
             LayerCodec(

@@ -4,6 +4,8 @@
 Token order is ``[compressed history (Tc) | window (W)]``; sink ``j`` of row ``b`` sits at
 history position ``sink_pos[b] + j`` and, where that position is compressed, its exact value
 replaces the decoded record. Attention masks over this cache have ``Tc + W`` columns in that order.
+Codecs that encode blocks of tokens may keep ``key_skip`` / ``value_skip`` leading records that
+are no longer part of the cache (a sliding window dropped them mid-block).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ class CompressedKV:
     sink_keys: torch.Tensor | None
     sink_values: torch.Tensor | None
     sink_pos: torch.Tensor
+    key_skip: int = 0
+    value_skip: int = 0
 
     @property
     def compressed_length(self) -> int:
-        return self.key.records.shape[2]
+        return self.key.records.shape[2] - self.key_skip
 
     @property
     def length(self) -> int:
@@ -45,12 +49,15 @@ class CompressedKV:
         b, h, _, d = self.window_keys.shape
         return (b, h, self.length, d)
 
-    def _history(self, enc: Encoded, quantizer: Quantizer, sinks: torch.Tensor | None) -> torch.Tensor:
+    def _history(self, enc: Encoded, quantizer: Quantizer, sinks: torch.Tensor | None, skip: int) -> torch.Tensor:
         """Decoded compressed history ``[B, H, Tc, D]`` (float32) with exact sinks restored."""
+        if enc.records.shape[2] == 0:
+            b, h, _, d = self.window_keys.shape
+            return self.window_keys.new_zeros(b, h, 0, d, dtype=torch.float32)
         as_token_major = Encoded(
             *(None if t is None else t.transpose(1, 2) for t in (enc.records, enc.scales, enc.qjl_norms))
         )
-        hist = quantizer.decode(as_token_major).transpose(1, 2)
+        hist = quantizer.decode(as_token_major).transpose(1, 2)[:, :, skip:]
         if sinks is not None and hist.shape[2]:
             pos = self.sink_pos[:, None] + torch.arange(sinks.shape[2], device=hist.device)
             rows, slots = (pos < hist.shape[2]).nonzero(as_tuple=True)
@@ -59,8 +66,8 @@ class CompressedKV:
 
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Full keys and values ``[B, H, Tc + W, D]`` in ``dtype`` (a transient dequantized copy)."""
-        k = self._history(self.key, self.key_quantizer, self.sink_keys)
-        v = self._history(self.value, self.value_quantizer, self.sink_values)
+        k = self._history(self.key, self.key_quantizer, self.sink_keys, self.key_skip)
+        v = self._history(self.value, self.value_quantizer, self.sink_values, self.value_skip)
         return (
             torch.cat([k.to(dtype), self.window_keys.to(dtype)], dim=2),
             torch.cat([v.to(dtype), self.window_values.to(dtype)], dim=2),

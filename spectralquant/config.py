@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from .quantizer import QuantizerConfig
 
 LAYER_BUDGETS = ("auto", "uniform", "sensitivity")
+METHODS = ("spectralquant", "turboquant", "turboquant_qjl", "kivi", "int", "fp8")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class CompressionConfig:
         calibration's measured per-layer sensitivity; see :mod:`spectralquant.layer_budget`), or
         ``auto``: ``sensitivity`` when the calibration has sensitivities, else ``uniform``.
     layer_bits: explicit per-layer ``(key_bits, value_bits)``, overriding both of the above.
+    method: ``spectralquant``, or a baseline codec from :mod:`spectralquant.baselines`
+        (``turboquant``, ``turboquant_qjl``, ``kivi``, ``int``, ``fp8``) run in the same cache at
+        ``key.bits`` / ``value.bits`` (uniform across layers) for side-by-side measurement.
     """
 
     key: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -34,6 +38,7 @@ class CompressionConfig:
     fp16_layers: tuple[int, ...] = ()
     layer_budget: str = "auto"
     layer_bits: tuple[tuple[float, float], ...] = ()
+    method: str = "spectralquant"
 
     def __post_init__(self):
         for name in ("window", "sinks"):
@@ -43,11 +48,17 @@ class CompressionConfig:
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
             raise ValueError(f"chunk must be a positive int, got {self.chunk!r}")
         object.__setattr__(self, "fp16_layers", tuple(sorted(int(i) for i in self.fp16_layers)))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.layer_budget not in LAYER_BUDGETS:
             raise ValueError(f"unknown layer_budget {self.layer_budget!r}; choose one of {LAYER_BUDGETS}")
         object.__setattr__(self, "layer_bits", tuple((float(k), float(v)) for k, v in self.layer_bits))
 
     def describe(self) -> str:
+        if self.method != "spectralquant":
+            return f"{self.method} baseline: keys {self.key.bits:g} bits, values {self.value.bits:g} bits; " + (
+                f"fp16 window {self.window}, {self.sinks} sink tokens"
+            )
         def q(c: QuantizerConfig) -> str:
             extra = f", qjl {c.qjl_dims}" if c.qjl_dims else ""
             return f"{c.bits:g} bits ({c.rotation}, {c.allocation}, {c.codebook}{extra})"
@@ -72,7 +83,7 @@ PRESETS: dict[str, CompressionConfig] = {
 }
 
 _QUANTIZER_DIALS = {f.name for f in fields(QuantizerConfig)}
-_CACHE_DIALS = {"window", "chunk", "sinks", "fp16_layers", "layer_budget", "layer_bits"}
+_CACHE_DIALS = {"window", "chunk", "sinks", "fp16_layers", "layer_budget", "layer_bits", "method"}
 
 
 def valid_dials() -> list[str]:

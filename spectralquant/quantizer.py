@@ -42,6 +42,9 @@ class QuantizerConfig:
     mix_bands: after allocation, rotate each group of equal-width coordinates among themselves
         (randomized Hadamard for power-of-two group sizes, else random orthogonal): the group's
         coordinates become equal-variance and near-Gaussian while the allocation stays.
+    isotropic: give every rotated coordinate the same scale, ``sqrt(trace / D)``, instead of its
+        calibrated variance (with a per-vector scale this makes the codec data-oblivious, as in
+        TurboQuant).
     center: subtract the calibrated mean first.
     scale: store a per-vector scale ``s`` and quantize ``z / s``.
     scale_bits: how the scale is stored: 8 (a log-scale byte, 1/16-octave steps, at most 2.2%
@@ -57,6 +60,7 @@ class QuantizerConfig:
     allocation: str = "waterfill"
     codebook: str = "poly"
     mix_bands: bool = True
+    isotropic: bool = False
     center: bool = True
     scale: bool = True
     scale_bits: int = 8
@@ -189,6 +193,8 @@ class Quantizer:
         if config.mix_bands:
             basis = basis @ _band_mixing(widths, gen)
             variances = torch.einsum("hji,hjk,hki->hi", basis, cov, basis).clamp_min(0)
+        if config.isotropic:
+            variances = (lam.sum(-1, keepdim=True) / d).expand(h, d)
         trace = lam.sum(-1)
         qjl = None
         if config.qjl_dims:
@@ -228,6 +234,20 @@ class Quantizer:
     def record_bytes(self) -> int:
         """Bytes of one vector's packed record (codes and QJL bits)."""
         return self.layout.nbytes
+
+    @property
+    def scale_dtype(self) -> torch.dtype | None:
+        """dtype of the stored per-vector scales (None without scaling)."""
+        if not self.config.scale:
+            return None
+        return torch.uint8 if self.config.scale_bits == 8 else torch.float16
+
+    @property
+    def has_qjl(self) -> bool:
+        return self.config.qjl_dims > 0
+
+    #: Tokens encoded together (1: every vector on its own).
+    block = 1
 
     @property
     def bytes_per_vector(self) -> int:

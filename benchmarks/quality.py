@@ -1,0 +1,350 @@
+"""Quality per byte, side by side: SpectralQuant against TurboQuant, KIVI, INT and FP8 baselines
+running inside the same compressed cache (so every method's bytes are counted the same way).
+
+For each method and budget (bits per coordinate), on a real model and real text, all on the real
+code path (chunked prefill through the wrapped model's compressed cache, DESIGN.md section 4):
+
+- measured compression ratio (bytes held vs fp16 bytes of the same K/V, at the evaluation length),
+- perplexity change, KL divergence to FP16 and top-1 agreement on the held-out split of the
+  bundled book (Debian ``cfi-en``) and on Python's help text (``pydoc``),
+- per-layer cosine similarity of the attention output (input of ``o_proj``) to FP16,
+- passkey retrieval at several context lengths and depths (greedy, after a chunked prefill),
+- greedy generation: tokens until the first divergence from FP16.
+
+Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, one line per method):
+
+    python benchmarks/quality.py --model smollm2 --methods spectralquant,turboquant,kivi,int,fp8 \
+        --bits 2,2.5,3,4 --out benchmarks/results/quality_smollm2
+
+``--bits`` applies to every method that can store it (KIVI and INT take whole bits, FP8 only 8);
+``--method-bits name=b1,b2`` adds or replaces one method's budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from spectralquant.adapters import find_adapter
+from spectralquant.integrations.evaluation import chunked_logits, compare_to_reference, reference_chunks
+from spectralquant.integrations.offline_models import cache_dir, load_offline_model
+from transformers import DynamicCache
+
+import spectralquant as sq
+from spectralquant.calibration import Calibration
+from spectralquant.config import METHODS
+from spectralquant.corpus import book_text, pydoc_topics
+from spectralquant.metrics import token_nll
+
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n"
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def valid_bits(method: str, bits: float) -> bool:
+    """Whether ``method`` can store ``bits`` per coordinate."""
+    if method in ("kivi", "int"):
+        return bits in (2, 3, 4, 8)
+    if method == "fp8":
+        return bits == 8
+    if method == "turboquant_qjl":
+        return bits >= 2
+    return 1 <= bits <= 8
+
+
+def text_ids(tok, text: str, length: int) -> torch.Tensor:
+    """``[1, length]`` token ids of ``text`` with the tokenizer's BOS token first (if it has one)."""
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : length - 1]
+    bos = tok.bos_token_id if tok.bos_token_id is not None else ids[0, 0].item()
+    out = torch.cat([torch.tensor([[bos]]), ids], 1)
+    if out.shape[1] < length:
+        raise ValueError(f"the text has only {out.shape[1]} tokens, fewer than the {length} asked for")
+    return out
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, cache, new_tokens: int, chunk: int) -> list[int]:
+    """Greedy continuation of ``ids [1, T]`` after a chunked prefill through ``cache``."""
+    last = None
+    for logits in chunked_logits(model, ids, cache, chunk):
+        last = logits[:, -1]
+    out = []
+    for _ in range(new_tokens):
+        nxt = last.argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        last = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return out
+
+
+def passkey_prompt(tok, length: int, depth: float, key: int) -> torch.Tensor:
+    """A prompt of about ``length`` tokens with ``The pass key is <key>`` at relative ``depth``."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    per = len(tok(FILLER, add_special_tokens=False).input_ids)
+    fixed = len(tok(PASSKEY_INTRO + needle + PASSKEY_QUESTION, add_special_tokens=False).input_ids) + 1
+    n = max(1, (length - fixed) // per)
+    before = int(round(n * depth))
+    text = PASSKEY_INTRO + FILLER * before + needle + FILLER * (n - before) + PASSKEY_QUESTION
+    return text_ids(tok, text, len(tok(text, add_special_tokens=False).input_ids) + 1)
+
+
+def passkey_accuracy(model, tok, make_cache: Callable, lengths, depths, chunk: int) -> dict[str, float]:
+    """Fraction of (depth) trials per length whose greedy answer contains the key."""
+    result = {}
+    for length in lengths:
+        hits = 0
+        for i, depth in enumerate(depths):
+            key = 10000 + (7919 * (i + 1) * length) % 90000
+            ids = passkey_prompt(tok, length, depth, key)
+            answer = tok.decode(greedy(model, ids, make_cache(), 7, chunk))
+            hits += str(key) in answer.replace(" ", "")
+        result[str(length)] = hits / len(depths)
+    return result
+
+
+@torch.inference_mode()
+def attention_cosine(model, ids: torch.Tensor, make_cache: Callable, chunk: int, reference: list) -> list[float]:
+    """Per layer, the mean cosine similarity between the attention outputs (``o_proj`` inputs) of
+    the last chunk of ``ids`` and ``reference`` (those of the FP16 run; filled when empty)."""
+    outputs: list[torch.Tensor] = []
+    layers = model.model.layers
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: outputs.append(args[0][0].float()))
+        for layer in layers
+    ]
+    try:
+        for _ in chunked_logits(model, ids, make_cache(), chunk):
+            pass
+    finally:
+        for h in hooks:
+            h.remove()
+    last = outputs[-len(layers) :]
+    if not reference:
+        reference.extend(last)
+        return [1.0] * len(layers)
+    return [float(torch.nn.functional.cosine_similarity(a, r, dim=-1).mean()) for a, r in zip(last, reference)]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    """Tokens until ``a`` and ``b`` first differ (their length if they never do)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def reference_perplexity(ids: torch.Tensor, chunks: list[torch.Tensor]) -> float:
+    """Perplexity of ``ids [1, T]`` from the FP16 chunked logits of :func:`reference_chunks`."""
+    nll, start = 0.0, 0
+    for logits in chunks:
+        c = min(logits.shape[1], ids.shape[1] - 1 - start)
+        nll += float(token_nll(logits[:, :c], ids[:, start + 1 : start + 1 + c]).sum())
+        start += logits.shape[1]
+    return math.exp(nll / (ids.shape[1] - 1))
+
+
+def load_calibration(model, tok, name: str, path: str | None) -> Calibration:
+    path = path or os.path.join(cache_dir(), f"{name}-benchmark-calibration.safetensors")
+    if os.path.exists(path):
+        return Calibration.load(path)
+    calib = sq.calibrate(model, tok)
+    calib.save(path)
+    return calib
+
+
+def plot(rows: list[dict], reference_ppl: float, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["ratio"])
+        x = [r["ratio"] for r in pts]
+        style = dict(marker="o", linewidth=2.5 if method == "spectralquant" else 1.2, label=method)
+        axes[0].plot(x, [100 * r["book"]["ppl_change"] for r in pts], **style)
+        axes[1].plot(x, [r["book"]["kl"] for r in pts], **style)
+        for r in pts:
+            axes[0].annotate(f"{r['bits']:g}", (r["ratio"], 100 * r["book"]["ppl_change"]), fontsize=7)
+    axes[0].set_ylabel(f"perplexity change vs FP16 (%), FP16 ppl {reference_ppl:.2f}")
+    axes[1].set_ylabel("KL(FP16 || compressed), nats/token")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("measured compression ratio (bytes held vs FP16)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].axhline(0, color="black", linewidth=0.6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def measure(model, calib, method: str, bits: float, inputs: dict, args, lengths: list[int], depths: list[float]):
+    """One row of the table: ``model`` wrapped with ``method`` at ``bits``, every metric."""
+    sq.wrap(model, calib, method=method, bits=bits)
+    state = find_adapter(model).state()
+    made = []
+
+    def make_cache():
+        made.append(state.make_cache())
+        return made[-1]
+
+    try:
+        book = compare_to_reference(model, inputs["book"], make_cache, args.chunk, inputs["ref_book"])
+        stats = made[-1].compression_stats()
+        pydoc = None
+        if inputs["pydoc"] is not None:
+            pydoc = compare_to_reference(model, inputs["pydoc"], make_cache, args.chunk, inputs["ref_pydoc"])
+        cos = attention_cosine(model, inputs["book"][:, :1024], make_cache, args.chunk, inputs["ref_attn"])
+        div = [
+            first_divergence(greedy(model, p, make_cache(), args.greedy_tokens, args.chunk), r)
+            for p, r in zip(inputs["greedy_prompts"], inputs["ref_greedy"])
+        ]
+        pk = passkey_accuracy(model, inputs["tok"], make_cache, lengths, depths, args.chunk) if lengths else None
+    finally:
+        sq.unwrap(model)
+    return dict(
+        method=method,
+        bits=bits,
+        ratio=stats.ratio,
+        held_bytes=stats.held_bytes,
+        fp16_bytes=stats.fp16_bytes,
+        book=book.as_dict(),
+        pydoc=pydoc.as_dict() if pydoc else None,
+        attention_cosine=cos,
+        greedy_divergence=div,
+        passkey=pk,
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    p.add_argument("--methods", default="spectralquant,turboquant,turboquant_qjl,kivi,int,fp8")
+    p.add_argument("--bits", default="2,2.5,3,4", help="budgets (bits per coordinate) for every method")
+    p.add_argument("--method-bits", action="append", default=[], help="e.g. spectralquant=2.25,2.75,3.5")
+    p.add_argument("--tokens", type=int, default=4096, help="evaluation length (the ratio is measured here)")
+    p.add_argument("--pydoc-tokens", type=int, default=2048, help="second text's length (0: skip)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk through the cache")
+    p.add_argument("--passkey", default="1024,2048,4096,8192", help="passkey lengths ('' to skip)")
+    p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    p.add_argument("--passkey-for", default="", help="method=bits pairs that get passkey runs (default: all)")
+    p.add_argument("--greedy-prompts", type=int, default=3, help="prompts for the greedy-divergence test")
+    p.add_argument("--greedy-tokens", type=int, default=48)
+    p.add_argument("--calibration", default=None, help="calibration file (default: calibrate once, cache)")
+    p.add_argument("--out", default=None, help="output prefix for .json and .png")
+    return p.parse_args()
+
+
+def budgets(args) -> list[tuple[str, float]]:
+    bits = [float(b) for b in args.bits.split(",") if b]
+    per = {m: [b for b in bits if valid_bits(m, b)] for m in args.methods.split(",") if m}
+    for spec in args.method_bits:
+        name, _, values = spec.partition("=")
+        per[name] = [float(b) for b in values.split(",")]
+    for name, values in per.items():
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}; choose from {METHODS}")
+        for b in values:
+            if not valid_bits(name, b):
+                raise SystemExit(f"{name} cannot store {b:g} bits per coordinate")
+    if "fp8" in per and not per["fp8"]:
+        per["fp8"] = [8.0]
+    return [(m, b) for m, values in per.items() for b in values]
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    model, tok = load_offline_model(args.model)
+    calib = load_calibration(model, tok, args.model, args.calibration)
+    book = text_ids(tok, book_text("evaluation"), args.tokens)
+    pydoc = text_ids(tok, pydoc_topics(), args.pydoc_tokens) if args.pydoc_tokens else None
+    lengths = [int(n) for n in args.passkey.split(",") if n]
+    depths = [float(d) for d in args.passkey_depths.split(",") if d]
+    passkey_for = {tuple(s.split("=")) for s in args.passkey_for.split(",") if s}
+    greedy_prompts = [
+        text_ids(tok, book_text("evaluation")[20000 * (i + 1) :], 512) for i in range(args.greedy_prompts)
+    ]
+
+    t0 = time.time()
+    ref_book = reference_chunks(model, book, args.chunk)
+    ref_pydoc = reference_chunks(model, pydoc, args.chunk) if pydoc is not None else None
+    ref_attn: list[torch.Tensor] = []
+    attention_cosine(model, book[:, :1024], lambda: DynamicCache(config=model.config), args.chunk, ref_attn)
+    ref_greedy = [
+        greedy(model, p, DynamicCache(config=model.config), args.greedy_tokens, args.chunk) for p in greedy_prompts
+    ]
+    fp16_passkey = passkey_accuracy(model, tok, lambda: DynamicCache(config=model.config), lengths, depths, args.chunk)
+    ppl_book = reference_perplexity(book, ref_book)
+    ppl_pydoc = reference_perplexity(pydoc, ref_pydoc) if pydoc is not None else None
+    print(
+        f"{args.model}: FP16 ppl {ppl_book:.3f} on {args.tokens} tokens, passkey {fp16_passkey} "
+        f"({time.time() - t0:.0f}s)",
+        flush=True,
+    )
+
+    rows = []
+    header = (
+        f"{'method':15s} {'bits':>5s} {'ratio':>6s} {'ppl%':>7s} {'KL':>7s} {'top1':>6s} {'pydoc%':>7s} "
+        f"{'cos min':>7s} {'greedy':>6s}  passkey"
+    )
+    print(header, flush=True)
+    inputs = dict(
+        tok=tok,
+        book=book,
+        pydoc=pydoc,
+        ref_book=ref_book,
+        ref_pydoc=ref_pydoc,
+        ref_attn=ref_attn,
+        greedy_prompts=greedy_prompts,
+        ref_greedy=ref_greedy,
+    )
+    for method, bits in budgets(args):
+        t = time.time()
+        run_passkey = not passkey_for or (method, f"{bits:g}") in passkey_for
+        row = measure(model, calib, method, bits, inputs, args, lengths if run_passkey else [], depths)
+        rows.append(row)
+        pk = row["passkey"]
+        pk_text = " ".join(f"{k}:{v:.2f}" for k, v in pk.items()) if pk else "-"
+        pydoc_change = 100 * row["pydoc"]["ppl_change"] if row["pydoc"] else math.nan
+        greedy_mean = sum(row["greedy_divergence"]) / len(row["greedy_divergence"])
+        print(
+            f"{method:15s} {bits:5g} {row['ratio']:6.2f} {100 * row['book']['ppl_change']:+7.2f} "
+            f"{row['book']['kl']:7.4f} {row['book']['top1']:6.3f} {pydoc_change:+7.2f} "
+            f"{min(row['attention_cosine']):7.4f} {greedy_mean:6.1f}"
+            f"  {pk_text}  ({time.time() - t:.0f}s)",
+            flush=True,
+        )
+        if args.out:  # after every row, so an interrupted run keeps what it measured
+            save(args, rows, ppl_book, ppl_pydoc, fp16_passkey, depths)
+    if args.out:
+        plot(rows, ppl_book, f"{args.model}, {args.tokens}-token context (cfi-en evaluation split)", args.out + ".png")
+        print(f"wrote {args.out}.json and {args.out}.png")
+
+
+def save(args, rows: list[dict], ppl_book: float, ppl_pydoc: float | None, passkey: dict, depths: list) -> None:
+    result = dict(
+        model=args.model,
+        tokens=args.tokens,
+        pydoc_tokens=args.pydoc_tokens,
+        chunk=args.chunk,
+        fp16=dict(ppl_book=ppl_book, ppl_pydoc=ppl_pydoc, passkey=passkey),
+        passkey_depths=depths,
+        greedy_tokens=args.greedy_tokens,
+        rows=rows,
+        command="python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+    )
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
