@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from spectralquant.kernels import compressed_attention_reference
-from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer
+from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer, random_scales
 from spectralquant.kernels.triton_attention import TUNING, compressed_attention_triton
 from spectralquant.kernels.triton_codec import encode
 from spectralquant.packing import RecordLayout
@@ -161,14 +161,21 @@ def time_sdpa(batch: int, context: int, budget: int) -> dict:
     return dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
 
 
+# (block_t, num_warps, per_sm, fp16_levels, prefetch, stages)
+TUNE_SETTINGS = (
+    (64, 8, 4, True, True, 1), (64, 8, 8, True, True, 1), (64, 8, 4, True, False, 2), (64, 8, 8, True, False, 3),
+    (64, 8, 8, False, True, 1), (32, 4, 8, True, True, 1), (32, 4, 8, True, False, 2), (32, 4, 16, True, False, 3),
+    (64, 4, 8, True, False, 2), (128, 8, 4, True, False, 2), (16, 2, 16, True, False, 2), (32, 2, 16, True, False, 2),
+)
+
+
 def tune(bits: float, budget: int, log) -> dict:
-    """Time a few block/warp settings at batch 8, 32k context; returns the fastest settings."""
+    """Time launch settings (:data:`TUNE_SETTINGS`) at batch 8, 32k context; returns the fastest."""
     pair = quantizer_pair(bits)
     best, rows = None, []
-    settings = ((64, 8, 4, None), (64, 8, 8, None), (32, 4, 8, None), (32, 2, 8, None), (16, 1, 16, None),
-                (16, 1, 32, None), (32, 1, 16, None), (64, 8, 4, 128))
-    for block_t, warps, per_sm, maxnreg in settings:
-        setting = dict(block_t=block_t, num_warps=warps, per_sm=per_sm, maxnreg=maxnreg)
+    for block_t, warps, per_sm, fp16, prefetch, stages in TUNE_SETTINGS:
+        setting = dict(block_t=block_t, num_warps=warps, per_sm=per_sm, fp16_levels=fp16, prefetch=prefetch,
+                       stages=stages)
         try:
             r = time_fused(pair, 8, 32768, budget, False, **setting)
         except Exception as exc:  # a setting that does not compile on this GPU is skipped, not fatal
@@ -180,6 +187,26 @@ def tune(bits: float, budget: int, log) -> dict:
             best = (r["graph_us"], setting)
         torch.cuda.empty_cache()
     return dict(settings=rows, best=best[1])
+
+
+def codebook_comparison(args, budget: int, log) -> list[dict]:
+    """The same records read through polynomial levels (fp16 or float32) vs the level lookup table."""
+    rows = []
+    for bits in args.bits:
+        for kind in ("poly fp16", "poly fp32", "lookup table"):
+            pair = quantizer_pair(bits)
+            tuning = dict(args.tuned[bits])
+            if kind == "lookup table":
+                for q in pair:
+                    q.poly_coeffs = None
+            else:
+                tuning["fp16_levels"] = kind == "poly fp16"
+            r = time_fused(pair, 8, 32768, budget, True, **tuning)
+            rows.append(dict(bits=bits, levels=kind, graph_us=r["graph_us"],
+                             rel_err_vs_reference=r["rel_err_vs_reference"]))
+            log(f"  codebook bits={bits} {kind:>12}: {r['graph_us']:.1f} us, rel err {r['rel_err_vs_reference']:.1e}")
+            torch.cuda.empty_cache()
+    return rows
 
 
 def attention_table(args, budget: int, copy_bw: float, log) -> list[dict]:
@@ -304,7 +331,8 @@ def fill_compressed(cache, batch: int, context: int) -> None:
         for kind, store in (("key", layer.k_store), ("value", layer.v_store)):
             r = getattr(layer.codec, kind).record_bytes
             records = torch.randint(0, 256, (batch, held, HKV, r), dtype=torch.uint8, device=DEVICE)
-            store.append(Encoded(records, (0.5 + torch.rand(batch, held, HKV, device=DEVICE)).half()))
+            scales = random_scales((batch, held, HKV), getattr(layer.codec, kind), DEVICE)
+            store.append(Encoded(records, scales))
             del records
         layer.keys = torch.randn(batch, HKV, layer.window, DIM, device=DEVICE, dtype=torch.bfloat16)
         layer.values = torch.randn_like(layer.keys)
@@ -432,7 +460,7 @@ def main() -> None:
     parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
-    parser.add_argument("--sections", nargs="+", default=["tune", "attention", "layout", "encode", "e2e"])
+    parser.add_argument("--sections", nargs="+", default=["tune", "attention", "codebook", "layout", "encode", "e2e"])
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")
     args = parser.parse_args()
@@ -467,6 +495,7 @@ def main() -> None:
     sections = [
         ("tune", lambda: {b: tune(b, budget, log) for b in args.bits}),
         ("attention", lambda: attention_table(args, budget, copy_bw, log)),
+        ("codebook", lambda: codebook_comparison(args, budget, log)),
         ("layout", lambda: layout_comparison(args, budget, log)),
         ("encode", lambda: encode_benchmark(args, log)),
         ("e2e", lambda: end_to_end(args.e2e_layers, log)),

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from spectralquant.kernels import compressed_attention, compressed_attention_reference  # noqa: E402
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer  # noqa: E402
-from spectralquant.kernels.tables import unsupported_reason  # noqa: E402
+from spectralquant.kernels.tables import poly_tables, tables_of, unsupported_reason  # noqa: E402
 from spectralquant.kernels.triton_attention import compressed_attention_triton  # noqa: E402
 from spectralquant.kernels.triton_codec import decode, encode  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
@@ -63,6 +63,24 @@ def test_encode_and_decode_match_the_quantizer(case):
     assert torch.allclose(decoded, q.decode(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [1, 2.5, 4, 6])
+def test_poly_tables_reproduce_the_unit_levels(bits):
+    q = random_quantizer(3, 32, bits, seed=4)
+    s, h, a1, a3, a5 = poly_tables(q).unbind(1)  # [H, D] each, stored order
+    widths = q.widths.gather(1, q.layout.order)
+    for code in range(2 ** int(widths.max())):
+        ok = code < 2**widths
+        want = q.unit_levels[torch.arange(3)[:, None], widths, code]
+        y = code * s - h  # exact: m * s
+        m = (y / s).double()
+        coeffs = torch.stack([a1 * s, a3 * s**3, a5 * s**5], -1)  # c1, c3, c5 (power-of-two rescaling is exact)
+        exact = (torch.stack([m, m**3, m**5], -1).float()[..., None, :] @ coeffs[..., None])[..., 0, 0]
+        assert torch.equal(torch.where(ok, exact, 0), torch.where(ok, want, 0))
+        horner = y * (a1 + y * y * (a3 + y * y * a5))  # the kernels' form
+        assert torch.allclose(torch.where(ok, horner, 0), torch.where(ok, want, 0), rtol=0, atol=1e-6)
+    assert poly_tables(random_quantizer(1, 16, 2, codebook="gaussian")) is None
+
+
 def test_decode_reads_the_plain_coordinate_order_layout_too():
     q = random_quantizer(2, 32, 4, seed=3)
     q.layout = RecordLayout(q.widths, permute=False)
@@ -98,6 +116,32 @@ def test_fused_attention_matches_the_reference(case, dtype):
         got = compressed_attention_triton(q, kv, m, scaling=scaling, softcap=softcap, block_t=16)
         assert got.dtype == q.dtype and got.shape == q.shape
         assert rel(got, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def without_poly(q):
+    """The same quantizer read through its level table instead of the polynomial."""
+    q = q.to(DEVICE)
+    q.poly_coeffs = None
+    assert tables_of(q).poly is None
+    return q
+
+
+def test_polynomial_and_table_levels_give_the_same_attention():
+    q, kv, mask = attention_inputs(ATTENTION_CASES[3], torch.float32, seed=3)
+    assert kv.key_quantizer.poly_coeffs is not None and tables_of(kv.key_quantizer).poly is not None
+    poly = {f16: compressed_attention_triton(q, kv, mask, block_t=16, fp16_levels=f16) for f16 in (True, False)}
+    kv.key_quantizer, kv.value_quantizer = without_poly(kv.key_quantizer), without_poly(kv.value_quantizer)
+    table = compressed_attention_triton(q, kv, mask, block_t=16)
+    assert rel(poly[False], table) < 1e-5
+    assert rel(poly[True], table) < 1e-3
+
+
+@pytest.mark.parametrize("prefetch,stages", [(True, 1), (False, 1), (False, 3)])
+def test_pipelining_choices_do_not_change_the_result(prefetch, stages):
+    q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=6)
+    ref = compressed_attention_reference(q, kv, mask)
+    got = compressed_attention_triton(q, kv, mask, block_t=32, prefetch=prefetch, stages=stages)
+    assert rel(got, ref) < 2e-3
 
 
 def test_splits_and_blocks_do_not_change_the_result():

@@ -79,6 +79,21 @@ def test_fused_attention_matches_the_reference_on_ragged_batches(dim, bits, quer
     assert rel(got, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dim,bits", [(128, (4, 4)), (128, (5, 8)), (64, (3, 2.5))], ids=str)
+def test_polynomial_levels_match_the_lookup_table(dim, bits):
+    from spectralquant.kernels.triton_attention import compressed_attention_triton
+
+    q, kv, mask = ragged_case(dim, bits, seed=dim + 11)
+    assert kv.key_quantizer.poly_coeffs is not None
+    poly = {f16: compressed_attention_triton(q, kv, mask, fp16_levels=f16) for f16 in (True, False)}
+    for quantizer in (kv.key_quantizer, kv.value_quantizer):
+        quantizer.poly_coeffs = None  # fresh tables: lookup-table levels
+    kv.key_quantizer, kv.value_quantizer = kv.key_quantizer.to("cuda"), kv.value_quantizer.to("cuda")
+    table = compressed_attention_triton(q, kv, mask)
+    assert rel(poly[False], table) < 1e-4
+    assert rel(poly[True], table) < 2e-3
+
+
 @pytest.mark.parametrize("groups,queries", [(1, 1), (8, 16), (4, 16)])
 def test_fused_attention_handles_group_and_query_counts_softcap_and_scaling(groups, queries):
     from spectralquant.kernels import compressed_attention_reference

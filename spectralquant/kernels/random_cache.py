@@ -18,6 +18,13 @@ def random_quantizer(heads: int, dim: int, bits: float, seed: int = 0, decades: 
     return Quantizer.from_stats(stats, QuantizerConfig(bits=bits, **config))
 
 
+def random_scales(shape: tuple[int, ...], q: Quantizer, device) -> torch.Tensor:
+    """Per-vector scales in [0.5, 2] as ``q`` stores them (uint8 log codes or fp16)."""
+    if q.config.scale_bits == 8:
+        return torch.randint(112, 145, shape, dtype=torch.uint8, device=device)  # 2**((c - 128) / 16)
+    return (0.5 + 1.5 * torch.rand(shape, device=device)).half()
+
+
 def _encoded(q: Quantizer, batch: int, tokens: int, gen: torch.Generator, device, encode: bool) -> Encoded:
     """Head-major records ``[B, H, T, R]`` and scales ``[B, H, T]``: real encodings of Gaussian
     vectors, or (``encode=False``, for large benchmarks) uniformly random record bytes."""
@@ -31,7 +38,7 @@ def _encoded(q: Quantizer, batch: int, tokens: int, gen: torch.Generator, device
         return Encoded(records.contiguous().to(device), scales.contiguous().to(device) if scales is not None else None)
     records = torch.randint(0, 256, (batch, h, tokens, r), dtype=torch.uint8, device=device)
     if q.config.scale:
-        scales = (0.5 + torch.rand(batch, h, tokens, device=device)).half()
+        scales = random_scales((batch, h, tokens), q, device)
     return Encoded(records, scales)
 
 

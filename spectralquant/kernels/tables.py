@@ -31,7 +31,7 @@ class KernelTables:
     Shapes: ``unit_word``/``unit_shift`` int32 ``[H, NU]``; ``slot_shift``/``slot_mask`` int32
     ``[H, D]`` (stored order); ``levels16``/``levels32``/``bounds`` ``[H, L]`` with
     ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``mean [H, D]``,
-    ``norm_ref [H]`` float32.
+    ``norm_ref [H]`` float32; ``poly [H, 5, D]`` float32 for polynomial codebooks, else None.
     """
 
     heads: int
@@ -56,6 +56,7 @@ class KernelTables:
     sigma_p: torch.Tensor
     mean: torch.Tensor
     norm_ref: torch.Tensor
+    poly: torch.Tensor | None
 
     @property
     def table_size(self) -> int:
@@ -114,6 +115,20 @@ def _flat_codebooks(quantizer: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return levels, bounds
 
 
+def poly_tables(quantizer: Quantizer) -> torch.Tensor | None:
+    """``[H, 5, D]`` float32 rows ``s, h, a1, a3, a5`` per coordinate in stored order (module doc),
+    or None if the quantizer's codebook is not polynomial."""
+    coeffs = quantizer.poly_coeffs
+    if coeffs is None:
+        return None
+    widths = torch.gather(quantizer.widths.cpu(), 1, quantizer.layout.order.cpu())  # [H, D] stored order
+    c = torch.gather(coeffs.double().cpu(), 1, widths[..., None].expand(-1, -1, 3))  # [H, D, 3]
+    s = torch.exp2(-(widths - 1).clamp_min(0).double())
+    half = (torch.exp2(widths.double()) - 1) / 2
+    rows = [s, s * half, c[..., 0] / s, c[..., 1] / s**3, c[..., 2] / s**5]
+    return torch.stack(rows, 1).float().contiguous()
+
+
 def build_tables(quantizer: Quantizer) -> KernelTables:
     """The kernel tables of ``quantizer`` (raises ``ValueError`` if the kernels cannot run it)."""
     reason = unsupported_reason(quantizer)
@@ -146,6 +161,7 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
         sigma_p=torch.gather(quantizer.sigma, 1, order).contiguous(),
         mean=quantizer.mean.to(device).float().contiguous(),
         norm_ref=torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt().to(device),
+        poly=poly.to(device) if (poly := poly_tables(quantizer)) is not None else None,
     )
 
 

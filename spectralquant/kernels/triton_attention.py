@@ -7,7 +7,8 @@ Reference: :func:`~spectralquant.kernels.reference.compressed_attention_referenc
    query rows that share it (GQA: every record is read once). Keys are never decoded: the query
    is rotated once into the key basis in stored order and scaled by sigma (``q_s``), so
    ``q.k = scale_t * (q_s . u_t) + q.mean`` with ``u_t`` the unit-codebook levels of the record,
-   looked up from the codes and fed to a tensor-core dot in fp16. Values accumulate
+   computed from the codes (a few multiply-adds for polynomial codebooks, a table lookup for
+   others) and fed to a tensor-core dot in fp16. Values accumulate
    ``p_t * scale_t * u_t`` in the same unit basis. Sink positions are skipped here. Program
    ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window) in the natural basis.
 2. ``_combine_kernel``, grid ``(H, B)``: merges the partial softmaxes, multiplies the compressed
@@ -26,14 +27,18 @@ import triton.language as tl
 
 from ..compressed_kv import CompressedKV
 from .tables import KernelTables, tables_of, unsupported_reason
-from .triton_codec import load_slot_tables, load_units, stored_to_scale, unit_levels
+from .triton_codec import load_poly, load_slot_tables, load_units, stored_to_scale, unit_levels
 
 LOG2E = 1.4426950408889634
 MAX_ROWS = 128  # G * Lq query rows per program
 CHUNK = 32  # rotations are done in chunks of this many coordinates
 # Launch settings used when a call does not give them (benchmarks/kernels.py tunes them on the GPU):
-# tokens per step, warps, minimum blocks per split, programs per multiprocessor, register cap.
-TUNING = dict(block_t=64, num_warps=8, min_blocks=4, per_sm=4, maxnreg=None)
+# tokens per step, warps, minimum blocks per split, programs per multiprocessor, register cap,
+# polynomial levels in fp16 (else float32), hand-written prefetch of the next block (else the
+# compiler's pipelining with ``stages`` stages).
+TUNING = dict(
+    block_t=64, num_warps=8, min_blocks=4, per_sm=8, maxnreg=None, fp16_levels=True, prefetch=True, stages=1
+)
 
 
 @triton.jit
@@ -75,6 +80,44 @@ def _mask_cols(MASK, smb, sml, smt, b, l, cols, col_ok, row_ok, HAS_MASK: tl.con
 
 
 @triton.jit
+def _load_block(k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t_ok, k_uw, v_uw,
+                K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
+                V_NU: tl.constexpr, V_NW: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr,
+                K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, K_LOG: tl.constexpr, V_LOG: tl.constexpr):
+    """The key and value unit words and scales of tokens ``t`` (zeros where not ``t_ok``)."""
+    t64 = t.to(tl.int64)
+    k_lo, k_hi = load_units(k_rec, t64 * skt, t_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
+    v_lo, v_hi = load_units(v_rec, t64 * svt, t_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
+    ksc = _load_scales(k_sc, t64 * skst, t_ok, K_SCALED, K_LOG)
+    vsc = _load_scales(v_sc, t64 * svst, t_ok, V_SCALED, V_LOG)
+    return k_lo, k_hi, v_lo, v_hi, ksc, vsc
+
+
+@triton.jit
+def _attend_block(
+    qs, qm, m_i, l_i, acc, t, t_ok, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
+    k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5,
+    v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_s, v_h, v_a1, v_a3, v_a5,
+    K_NU: tl.constexpr, K_S: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr, K_POLY: tl.constexpr,
+    V_NU: tl.constexpr, V_S: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr, V_POLY: tl.constexpr,
+    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """One online-softmax step over a block of compressed tokens ``t``: returns ``m_i, l_i, acc``."""
+    uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5, K_NU, K_S, K_ALIGNED,
+                     K_CROSSES, K_POLY, F16)
+    s = tl.dot(qs, tl.trans(uk.to(tl.float16))) * ksc[None, :]
+    s = _finish_scores(s + qm[:, None], SOFTCAP, softcap)
+    not_sink = (t < sink_lo) | (t >= sink_lo + n_sinks)
+    ok = _mask_cols(MASK, smb, sml, smt, b, l, t, t_ok & not_sink, row_ok, HAS_MASK)
+    m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
+    uv = unit_levels(v_lo, v_hi, v_ush, v_ssh, v_smask, v_lut, v_s, v_h, v_a1, v_a3, v_a5, V_NU, V_S, V_ALIGNED,
+                     V_CROSSES, V_POLY, F16)
+    p = p * vsc[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), uv.to(tl.float16))
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _split_kernel(
     Q, sqb, sqh, sql,
     KR, skb, skh, skt, KSC, sksb, sksh, skst,
@@ -82,8 +125,8 @@ def _split_kernel(
     WK, swkb, swkh, swkt, WV, swvb, swvh, swvt,
     SK, sskb, sskh, sskt, SV, ssvb, ssvh, ssvt, SPOS,
     MASK, smb, sml, smt,
-    K_UW, K_USH, K_SSH, K_SMASK, K_LUT, K_BASIS, K_SIGMA, K_MEAN,
-    V_UW, V_USH, V_SSH, V_SMASK, V_LUT,
+    K_UW, K_USH, K_SSH, K_SMASK, K_LUT, K_POLY, K_BASIS, K_SIGMA, K_MEAN,
+    V_UW, V_USH, V_SSH, V_SMASK, V_LUT, V_POLY,
     PACC, PM, PL,
     n_compressed, n_window, n_sinks, n_splits, split_len, qk_scale, softcap,
     K_LUTN: tl.constexpr, V_LUTN: tl.constexpr,
@@ -91,8 +134,9 @@ def _split_kernel(
     K_S: tl.constexpr, K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
     V_S: tl.constexpr, V_NU: tl.constexpr, V_NW: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr,
     K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, K_LOG: tl.constexpr, V_LOG: tl.constexpr,
+    K_IS_POLY: tl.constexpr, V_IS_POLY: tl.constexpr, F16: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
+    BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
 ):
     split = tl.program_id(0)
     h = tl.program_id(1)
@@ -126,41 +170,53 @@ def _split_kernel(
         v_uw, v_ush, v_ssh, v_smask = load_slot_tables(
             V_UW + h * V_NU, V_USH + h * V_NU, V_SSH + h * D, V_SMASK + h * D, V_NU, V_S
         )
+        k_ps, k_ph, k_a1, k_a3, k_a5 = load_poly(K_POLY + h * 5 * D, K_NU, K_S, K_IS_POLY, F16)
+        v_ps, v_ph, v_a1, v_a3, v_a5 = load_poly(V_POLY + h * 5 * D, V_NU, V_S, V_IS_POLY, F16)
+        k_lut = K_LUT + h * K_LUTN
+        v_lut = V_LUT + h * V_LUTN
         k_rec = KR + b64 * skb + h.to(tl.int64) * skh
         v_rec = VR + b64 * svb + h.to(tl.int64) * svh
         k_sc = KSC + b64 * sksb + h * sksh
         v_sc = VSC + b64 * svsb + h * svsh
         start = split * split_len
         end = tl.minimum(start + split_len, n_compressed)
-        # Software pipelining by hand: the records of block i+1 are loaded while block i is worked on.
-        t = start + tl.arange(0, BT)
-        t_ok = t < end
-        t64 = t.to(tl.int64)
-        k_lo, k_hi = load_units(k_rec, t64 * skt, t_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
-        v_lo, v_hi = load_units(v_rec, t64 * svt, t_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
-        ksc = _load_scales(k_sc, t64 * skst, t_ok, K_SCALED, K_LOG)
-        vsc = _load_scales(v_sc, t64 * svst, t_ok, V_SCALED, V_LOG)
-        for t0 in range(start, end, BT):
-            t = t0 + tl.arange(0, BT)
-            t_ok = t < end
-            nt = t + BT
-            nt_ok = nt < end
-            nt64 = nt.to(tl.int64)
-            k_lo_n, k_hi_n = load_units(k_rec, nt64 * skt, nt_ok, k_uw, K_NU, K_NW, K_ALIGNED, K_CROSSES)
-            v_lo_n, v_hi_n = load_units(v_rec, nt64 * svt, nt_ok, v_uw, V_NU, V_NW, V_ALIGNED, V_CROSSES)
-            ksc_n = _load_scales(k_sc, nt64 * skst, nt_ok, K_SCALED, K_LOG)
-            vsc_n = _load_scales(v_sc, nt64 * svst, nt_ok, V_SCALED, V_LOG)
-            uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, K_LUT + h * K_LUTN, K_NU, K_S, K_ALIGNED, K_CROSSES)
-            s = tl.dot(qs, tl.trans(uk))
-            s = s * ksc[None, :]
-            s = _finish_scores(s + qm[:, None], SOFTCAP, softcap)
-            not_sink = (t < sink_lo) | (t >= sink_lo + n_sinks)
-            ok = _mask_cols(MASK, smb, sml, smt, b, l, t, t_ok & not_sink, row_ok, HAS_MASK)
-            m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
-            uv = unit_levels(v_lo, v_hi, v_ush, v_ssh, v_smask, V_LUT + h * V_LUTN, V_NU, V_S, V_ALIGNED, V_CROSSES)
-            p = p * vsc[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), uv)
-            k_lo, k_hi, v_lo, v_hi, ksc, vsc = k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n
+        if PREFETCH:
+            # Software pipelining by hand: the records of block i+1 are loaded while block i is worked on.
+            t = start + tl.arange(0, BT)
+            k_lo, k_hi, v_lo, v_hi, ksc, vsc = _load_block(
+                k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t < end, k_uw, v_uw, K_NU, K_NW, K_ALIGNED,
+                K_CROSSES, V_NU, V_NW, V_ALIGNED, V_CROSSES, K_SCALED, V_SCALED, K_LOG, V_LOG,
+            )
+            for t0 in range(start, end, BT):
+                t = t0 + tl.arange(0, BT)
+                nt = t + BT
+                k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n = _load_block(
+                    k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, nt, nt < end, k_uw, v_uw, K_NU, K_NW, K_ALIGNED,
+                    K_CROSSES, V_NU, V_NW, V_ALIGNED, V_CROSSES, K_SCALED, V_SCALED, K_LOG, V_LOG,
+                )
+                m_i, l_i, acc = _attend_block(
+                    qs, qm, m_i, l_i, acc, t, t < end, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
+                    k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_ps, k_ph, k_a1, k_a3, k_a5,
+                    v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
+                    K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
+                    F16, HAS_MASK, SOFTCAP,
+                )
+                k_lo, k_hi, v_lo, v_hi, ksc, vsc = k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n
+        else:
+            # Pipelining left to the compiler (``STAGES`` loads in flight).
+            for t0 in tl.range(start, end, BT, num_stages=STAGES):
+                t = t0 + tl.arange(0, BT)
+                k_lo, k_hi, v_lo, v_hi, ksc, vsc = _load_block(
+                    k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t < end, k_uw, v_uw, K_NU, K_NW, K_ALIGNED,
+                    K_CROSSES, V_NU, V_NW, V_ALIGNED, V_CROSSES, K_SCALED, V_SCALED, K_LOG, V_LOG,
+                )
+                m_i, l_i, acc = _attend_block(
+                    qs, qm, m_i, l_i, acc, t, t < end, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
+                    k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_ps, k_ph, k_a1, k_a3, k_a5,
+                    v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
+                    K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
+                    F16, HAS_MASK, SOFTCAP,
+                )
     else:
         # Exact tokens in the natural basis: the window, then the sinks that replace compressed slots.
         q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -274,6 +330,11 @@ def _splits(
     return triton.cdiv(blocks, per), per * block
 
 
+def _poly_arg(tables: KernelTables) -> torch.Tensor:
+    """The polynomial coefficient table, or any tensor where the codebook is a lookup table."""
+    return tables.poly if tables.poly is not None else tables.levels32
+
+
 def _words(records: torch.Tensor) -> torch.Tensor:
     """uint8 records ``[B, H, T, R]`` (R a multiple of 4) as int32 words ``[B, H, T, R/4]``, no copy."""
     if records.stride(-1) != 1 or records.storage_offset() % 4 or any(s % 4 for s in records.stride()[:-1]):
@@ -291,8 +352,10 @@ def compressed_attention_triton(
 ) -> torch.Tensor:
     """Fused attention of ``query [B, Hq, Lq, D]`` over ``kv`` (contract: the reference).
     ``tuning`` overrides :data:`TUNING`: ``block_t`` (tokens per step; halved for head_dim 256),
-    ``num_warps``, ``min_blocks`` (blocks per split), ``per_sm`` (programs per multiprocessor) and
-    ``maxnreg`` (register cap per thread, None for none)."""
+    ``num_warps``, ``min_blocks`` (blocks per split), ``per_sm`` (programs per multiprocessor),
+    ``maxnreg`` (register cap per thread, None for none), ``fp16_levels`` (polynomial codebook
+    levels computed in fp16, else float32), ``prefetch`` (load block i+1 while block i is worked
+    on) and ``stages`` (the compiler's pipeline depth when not ``prefetch``)."""
     unknown = set(tuning) - set(TUNING)
     if unknown:
         raise ValueError(f"unknown tuning option(s) {sorted(unknown)}; valid: {sorted(TUNING)}")
@@ -341,8 +404,8 @@ def compressed_attention_triton(
         kv.window_keys, *kv.window_keys.stride()[:3], kv.window_values, *kv.window_values.stride()[:3],
         sk, *sk.stride()[:3], sv, *sv.stride()[:3], kv.sink_pos,
         mask_arg, *mask_strides,
-        kt.unit_word, kt.unit_shift, kt.slot_shift, kt.slot_mask, kt.levels16, kt.basis_p, kt.sigma_p, kt.mean,
-        vt.unit_word, vt.unit_shift, vt.slot_shift, vt.slot_mask, vt.levels16,
+        kt.unit_word, kt.unit_shift, kt.slot_shift, kt.slot_mask, kt.levels16, _poly_arg(kt), kt.basis_p, kt.sigma_p,
+        kt.mean, vt.unit_word, vt.unit_shift, vt.slot_shift, vt.slot_mask, vt.levels16, _poly_arg(vt),
         pacc, pm, pl,
         tc, n_window, n_sinks, n_splits, split_len, qk_scale, softcap if softcap is not None else 1.0,
         K_LUTN=kt.table_size, V_LUTN=vt.table_size,
@@ -350,8 +413,10 @@ def compressed_attention_triton(
         K_S=kt.slots, K_NU=kt.units, K_NW=kt.words, K_ALIGNED=kt.aligned, K_CROSSES=kt.crosses,
         V_S=vt.slots, V_NU=vt.units, V_NW=vt.words, V_ALIGNED=vt.aligned, V_CROSSES=vt.crosses,
         K_SCALED=kt.scaled, V_SCALED=vt.scaled, K_LOG=kt.log_scale, V_LOG=vt.log_scale,
+        K_IS_POLY=kt.poly is not None, V_IS_POLY=vt.poly is not None, F16=opts["fp16_levels"],
         HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
-        BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
+        BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc, PREFETCH=opts["prefetch"],
+        STAGES=opts["stages"],
         num_warps=opts["num_warps"],
         **({"maxnreg": opts["maxnreg"]} if opts["maxnreg"] and query.is_cuda else {}),
     )

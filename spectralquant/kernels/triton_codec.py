@@ -32,10 +32,13 @@ def stored_to_scale(raw, LOG_SCALE: tl.constexpr):
 @triton.jit
 def scale_to_stored(s, LOG_SCALE: tl.constexpr):
     """The inverse of :func:`stored_to_scale` (``spectralquant.quantizer.encode_scale``)."""
+    # One return statement: Triton 3.6 rejects returns of different dtypes even in a constexpr branch.
     if LOG_SCALE:
         c = tl.minimum(tl.maximum(tl.floor(tl.log2(tl.maximum(s, 1e-30)) * 16.0 + 128.5), 1.0), 255.0)
-        return tl.where(s > 0, c, 0.0).to(tl.uint8)
-    return s.to(tl.float16)
+        stored = tl.where(s > 0, c, 0.0).to(tl.uint8)
+    else:
+        stored = s.to(tl.float16)
+    return stored
 
 
 @triton.jit
@@ -58,10 +61,9 @@ def load_units(rec_ptr, row, row_ok, unit_word, NU: tl.constexpr, NW: tl.constex
 
 
 @triton.jit
-def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, NU: tl.constexpr, S: tl.constexpr,
-                ALIGNED: tl.constexpr, CROSSES: tl.constexpr):
-    """Levels ``[R, NU * S]`` (stored order, the lookup table's dtype) from the unit words of
-    :func:`load_units`; ``unit_shift`` is ``[NU]``, ``slot_shift``/``slot_mask`` ``[NU, S]`` uint32."""
+def unit_codes(lo, hi, unit_shift, slot_shift, slot_mask, ALIGNED: tl.constexpr, CROSSES: tl.constexpr):
+    """Codes ``[R, NU, S]`` (uint32) from the unit words of :func:`load_units`; ``unit_shift`` is
+    ``[NU]``, ``slot_shift``/``slot_mask`` ``[NU, S]`` uint32."""
     lo = lo.to(tl.uint32, bitcast=True)
     if ALIGNED:
         unit = lo
@@ -70,8 +72,35 @@ def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, NU: tl.const
         unit = (both >> unit_shift.to(tl.uint64)[None, :]).to(tl.uint32)
     else:
         unit = lo >> unit_shift.to(tl.uint32)[None, :]
-    index = ((unit[:, :, None] >> slot_shift[None, :, :]) & slot_mask[None, :, :]) | (slot_mask + 1)[None, :, :]
-    levels = tl.load(lut_ptr + index.to(tl.int32))
+    return (unit[:, :, None] >> slot_shift[None, :, :]) & slot_mask[None, :, :]
+
+
+@triton.jit
+def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr):
+    """Unit levels of ``codes`` under polynomial codebooks (``tables`` module doc), in fp16 or
+    float32 as ``F16`` says; the coefficient tensors broadcast against ``codes`` and have that dtype.
+    The code becomes a float by OR-ing it into the mantissa of a power of two (no int conversion)."""
+    if F16:
+        c = (codes | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        c = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    y = c * s - h
+    y2 = y * y
+    return y * (a1 + y2 * (a3 + y2 * a5))
+
+
+@triton.jit
+def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, s, h, a1, a3, a5, NU: tl.constexpr,
+                S: tl.constexpr, ALIGNED: tl.constexpr, CROSSES: tl.constexpr, POLY: tl.constexpr,
+                F16: tl.constexpr):
+    """Levels ``[R, NU * S]`` (stored order) of the records whose unit words are ``lo``/``hi``:
+    computed from the polynomial coefficients ``[NU, S]`` of :func:`load_poly` if ``POLY`` (fp16 if
+    ``F16``, else float32), else looked up in ``lut_ptr`` (the table's dtype)."""
+    codes = unit_codes(lo, hi, unit_shift, slot_shift, slot_mask, ALIGNED, CROSSES)
+    if POLY:
+        levels = poly_levels(codes, s[None, :, :], h[None, :, :], a1[None, :, :], a3[None, :, :], a5[None, :, :], F16)
+    else:
+        levels = tl.load(lut_ptr + (codes | (slot_mask + 1)[None, :, :]).to(tl.int32))
     return tl.reshape(levels, (lo.shape[0], NU * S))
 
 
@@ -85,6 +114,20 @@ def load_slot_tables(uw_ptr, ush_ptr, ssh_ptr, smask_ptr, NU: tl.constexpr, S: t
     slot_shift = tl.load(ssh_ptr + p).to(tl.uint32)
     slot_mask = tl.load(smask_ptr + p).to(tl.uint32)
     return unit_word, unit_shift, slot_shift, slot_mask
+
+
+@triton.jit
+def load_poly(poly_ptr, NU: tl.constexpr, S: tl.constexpr, POLY: tl.constexpr, F16: tl.constexpr):
+    """One head's polynomial coefficients ``s, h, a1, a3, a5`` as ``[NU, S]`` tensors (fp16 if
+    ``F16``), from its ``[5, D]`` rows of ``KernelTables.poly``; zeros (unused) unless ``POLY``."""
+    p = tl.arange(0, NU)[:, None] * S + tl.arange(0, S)[None, :]
+    dtype = tl.float16 if F16 else tl.float32
+    if POLY:
+        rows = poly_ptr + p
+        return (tl.load(rows).to(dtype), tl.load(rows + NU * S).to(dtype), tl.load(rows + 2 * NU * S).to(dtype),
+                tl.load(rows + 3 * NU * S).to(dtype), tl.load(rows + 4 * NU * S).to(dtype))
+    zero = tl.zeros((NU, S), dtype)
+    return zero, zero, zero, zero, zero
 
 
 @triton.jit
@@ -138,11 +181,11 @@ def _encode_kernel(
 
 @triton.jit
 def _decode_kernel(
-    REC, srn, srh, SCALES, ssn, BASIS, MEAN, SIGMA, LEVELS, UWORD, USHIFT, SSHIFT, SMASK,
+    REC, srn, srh, SCALES, ssn, BASIS, MEAN, SIGMA, LEVELS, POLY, UWORD, USHIFT, SSHIFT, SMASK,
     OUT, son, soh, n_vectors,
     LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
-    ALIGNED: tl.constexpr, CROSSES: tl.constexpr, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr, BN: tl.constexpr,
-    KC: tl.constexpr,
+    ALIGNED: tl.constexpr, CROSSES: tl.constexpr, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr,
+    IS_POLY: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
 ):
     h = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -150,8 +193,10 @@ def _decode_kernel(
     n64 = n.to(tl.int64)
     p = tl.arange(0, D)
     uw, ush, ssh, smask = load_slot_tables(UWORD + h * NU, USHIFT + h * NU, SSHIFT + h * D, SMASK + h * D, NU, S)
+    ps, ph, a1, a3, a5 = load_poly(POLY + h * 5 * D, NU, S, IS_POLY, False)
     lo, hi = load_units(REC + h * srh, n64 * srn, n_ok, uw, NU, NW, ALIGNED, CROSSES)
-    z = unit_levels(lo, hi, ush, ssh, smask, LEVELS + h * LUT, NU, S, ALIGNED, CROSSES)
+    z = unit_levels(lo, hi, ush, ssh, smask, LEVELS + h * LUT, ps, ph, a1, a3, a5, NU, S, ALIGNED, CROSSES, IS_POLY,
+                    False)
     z = z * tl.load(SIGMA + h * D + p)[None, :]
     if SCALED:
         z = z * stored_to_scale(tl.load(SCALES + n64 * ssn + h, mask=n_ok, other=0), LOG_SCALE)[:, None]
@@ -210,10 +255,11 @@ def decode(quantizer: Quantizer, enc: Encoded) -> torch.Tensor:
     _decode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
         words, words.stride(0), words.stride(1), scales if scales is not None else out, tables.heads,
         tables.basis_p, tables.mean, tables.sigma_p, tables.levels32,
+        tables.poly if tables.poly is not None else tables.levels32,
         tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
         out, out.stride(0), out.stride(1), n,
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
         ALIGNED=tables.aligned, CROSSES=tables.crosses, SCALED=tables.scaled, LOG_SCALE=tables.log_scale,
-        BN=BLOCK_N, KC=min(CHUNK, tables.dim),
+        IS_POLY=tables.poly is not None, BN=BLOCK_N, KC=min(CHUNK, tables.dim),
     )
     return out.reshape(*lead, tables.heads, tables.dim)
