@@ -66,6 +66,8 @@ class KernelTables:
 def unsupported_reason(quantizer: Quantizer) -> str | None:
     """Why the Triton kernels cannot run this quantizer (then callers use the PyTorch reference),
     or None if they can."""
+    if not isinstance(quantizer, Quantizer):
+        return f"{type(quantizer).__name__} is a baseline codec (the kernels read SpectralQuant records)"
     d = quantizer.dim
     if quantizer.config.qjl_dims:
         return "the QJL sketch is not implemented in the kernels"

@@ -305,6 +305,8 @@ def attention_unsupported_reason(query: torch.Tensor, kv: CompressedKV) -> str |
         reason = unsupported_reason(q)
         if reason:
             return reason
+    if kv.key_skip or kv.value_skip:
+        return "the history starts inside a block of a block codec"
     b, hq, lq, d = query.shape
     h = kv.key_quantizer.heads
     if hq % h:
