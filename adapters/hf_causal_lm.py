@@ -92,13 +92,7 @@ class HFCausalLMAdapter(Adapter):
         ``[0, max_position - p)`` (default: the model's ``max_position_embeddings``).
         """
         if token_ids is None:
-            if tokenizer is None:
-                raise ValueError(
-                    "calibrating a language model needs a tokenizer (or token_ids): sq.calibrate(model, tokenizer)"
-                )
-            token_ids = tokenize_for_calibration(
-                tokenizer, default_calibration_texts() if texts is None else texts, seq_len, max_tokens
-            )
+            token_ids = tokenize_for_calibration(tokenizer, texts, seq_len, max_tokens)
         if token_ids.dim() != 2 or token_ids.shape[1] <= skip_first:
             raise ValueError(f"token_ids must be [N, L] with L > {skip_first}, got {tuple(token_ids.shape)}")
         builder = CalibrationBuilder(self.signature(), samples_per_layer=samples_per_layer)
@@ -203,9 +197,16 @@ def _is_compressed(cache) -> bool:
     return hasattr(cache, "compression_stats")
 
 
-def tokenize_for_calibration(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Token ids ``[N, seq_len]`` cut from ``texts`` (each row starts with BOS if the tokenizer has
-    one), at most ``max_tokens`` in all; raises if the texts give less than one row."""
+def tokenize_for_calibration(tokenizer, texts: Iterable[str] | None, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Token ids ``[N, seq_len]`` cut from ``texts`` (default: the bundled corpus; each row starts
+    with BOS if the tokenizer has one), at most ``max_tokens`` in all; raises if there is no
+    tokenizer or the texts give less than one row."""
+    if tokenizer is None:
+        raise ValueError(
+            "calibrating a language model needs a tokenizer (or token_ids): sq.calibrate(model, tokenizer)"
+        )
+    if texts is None:
+        texts = default_calibration_texts()
     if seq_len < 8:
         raise ValueError(f"seq_len must be at least 8, got {seq_len}")
     bos = getattr(tokenizer, "bos_token_id", None)

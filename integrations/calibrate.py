@@ -7,7 +7,6 @@ from spectralquant.adapters import Adapter
 from spectralquant.adapters.hf_causal_lm import HFCausalLMAdapter, tokenize_for_calibration
 
 from spectralquant.calibration import Calibration
-from spectralquant.corpus import default_calibration_texts
 
 from .sensitivity import measure_sensitivity
 
@@ -33,13 +32,7 @@ def calibrate_model(
     if not isinstance(adapter, HFCausalLMAdapter):
         return adapter.calibrate(tokenizer=tokenizer, texts=texts, progress=progress, **options)
     if token_ids is None:
-        if tokenizer is None:
-            raise ValueError(
-                "calibrating a language model needs a tokenizer (or token_ids): sq.calibrate(model, tokenizer)"
-            )
-        token_ids = tokenize_for_calibration(
-            tokenizer, default_calibration_texts() if texts is None else texts, seq_len, max_tokens
-        )
+        token_ids = tokenize_for_calibration(tokenizer, texts, seq_len, max_tokens)
     calibration = adapter.calibrate(token_ids=token_ids, progress=progress, **options)
     if sensitivity:
         length = token_ids.shape[1]
