@@ -119,6 +119,9 @@ class HFCausalLMAdapter(Adapter):
                 moved = self.rotate_positions(module.layer_idx, key[:, :, s:], delta.to(key.device))
                 builder.add(module.layer_idx, "key", moved.transpose(1, 2), weights)
             builder.add_query(module.layer_idx, query[:, :, s:].transpose(1, 2))
+            o_proj = getattr(module, "o_proj", None)
+            if o_proj is not None and module.layer_idx not in builder.output_moments:
+                builder.set_output_projection(module.layer_idx, o_proj.weight)
 
         with torch.inference_mode(), capture_attention(self.model, on_attention):
             for row in token_ids:

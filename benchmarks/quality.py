@@ -18,6 +18,12 @@ Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, o
 
 ``--bits`` applies to every method that can store it (KIVI and INT take whole bits, FP8 only 8);
 ``--method-bits name=b1,b2`` adds or replaces one method's budgets.
+
+``--ablations all`` (or a comma list of names from ``ABLATIONS``) instead measures SpectralQuant at
+``--ablation-bits`` with one lever changed per row (calibration levers recalibrate, cached):
+
+    python benchmarks/quality.py --model smollm2 --ablations all --ablation-bits 2.25 \
+        --passkey 4096 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --out benchmarks/results/ablations_smollm2
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from spectralquant.adapters import find_adapter
@@ -48,6 +55,49 @@ PASSKEY_INTRO = (
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One lever changed from the default SpectralQuant configuration at a budget of ``b`` bits:
+    ``dials`` for ``sq.wrap``, ``calibration`` options for ``sq.calibrate`` (recalibrates), and
+    ``key_shift`` bits moved from values to keys (keys ``b + shift``, values ``b - shift``)."""
+
+    dials: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    key_shift: float = 0.0
+
+    def wrap_options(self, bits: float) -> dict:
+        if self.key_shift:
+            return dict(self.dials, key_bits=bits + self.key_shift, value_bits=bits - self.key_shift)
+        return dict(self.dials, bits=bits)
+
+
+ABLATIONS: dict[str, Ablation] = {
+    "default": Ablation(),
+    "random rotation": Ablation(dict(rotation="random")),
+    "uniform bits": Ablation(dict(allocation="uniform")),
+    "random rotation, uniform bits": Ablation(dict(rotation="random", allocation="uniform")),
+    "no band mixing": Ablation(dict(mix_bands=False)),
+    "gaussian codebook (table)": Ablation(dict(codebook="gaussian")),
+    "fitted codebook": Ablation(dict(codebook="fitted"), dict(samples_per_layer=4096)),
+    "no mean-centering": Ablation(dict(center=False)),
+    "no per-vector scale": Ablation(dict(scale=False)),
+    "fp16 per-vector scale": Ablation(dict(scale_bits=16)),
+    "QJL on (16 dims)": Ablation(dict(qjl_dims=16)),
+    "uniform layer budget": Ablation(dict(layer_budget="uniform")),
+    "keys +0.5 / values -0.5": Ablation(key_shift=0.5),
+    "keys -0.5 / values +0.5": Ablation(key_shift=-0.5),
+    "query-aware keys": Ablation(dict(key_attention_aware=True)),
+    "output-aware values": Ablation(dict(value_attention_aware=True)),
+    "window 0": Ablation(dict(window=0)),
+    "window 256": Ablation(dict(window=256)),
+    "no sinks": Ablation(dict(sinks=0)),
+    "unweighted calibration": Ablation(calibration=dict(attention_weighted=False)),
+    "no position copies": Ablation(calibration=dict(position_copies=0)),
+    "calibration 2k tokens": Ablation(calibration=dict(max_tokens=2048)),
+    "calibration 16k tokens": Ablation(calibration=dict(max_tokens=16384)),
+}
 
 
 def valid_bits(method: str, bits: float) -> bool:
@@ -148,11 +198,16 @@ def reference_perplexity(ids: torch.Tensor, chunks: list[torch.Tensor]) -> float
     return math.exp(nll / (ids.shape[1] - 1))
 
 
-def load_calibration(model, tok, name: str, path: str | None) -> Calibration:
-    path = path or os.path.join(cache_dir(), f"{name}-benchmark-calibration.safetensors")
+def load_calibration(model, tok, name: str, path: str | None, **options) -> Calibration:
+    """The benchmark's calibration of ``model`` with ``sq.calibrate`` ``options`` (cached by options)."""
+    slug = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+    path = path or os.path.join(cache_dir(), f"{name}-benchmark-calibration{slug}.safetensors")
     if os.path.exists(path):
-        return Calibration.load(path)
-    calib = sq.calibrate(model, tok)
+        calib = Calibration.load(path)
+        if "output" in calib.signature.captured:
+            return calib
+        print(f"{path} predates output moments: recalibrating", flush=True)
+    calib = sq.calibrate(model, tok, **options)
     calib.save(path)
     return calib
 
@@ -164,8 +219,8 @@ def plot(rows: list[dict], reference_ppl: float, title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["ratio"])
+    for method in dict.fromkeys(label(r) for r in rows):
+        pts = sorted((r for r in rows if label(r) == method), key=lambda r: r["ratio"])
         x = [r["ratio"] for r in pts]
         style = dict(marker="o", linewidth=2.5 if method == "spectralquant" else 1.2, label=method)
         axes[0].plot(x, [100 * r["book"]["ppl_change"] for r in pts], **style)
@@ -185,9 +240,13 @@ def plot(rows: list[dict], reference_ppl: float, title: str, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def measure(model, calib, method: str, bits: float, inputs: dict, args, lengths: list[int], depths: list[float]):
-    """One row of the table: ``model`` wrapped with ``method`` at ``bits``, every metric."""
-    sq.wrap(model, calib, method=method, bits=bits)
+def label(row: dict) -> str:
+    return f"{row['method']}: {row['variant']}" if row.get("variant") else row["method"]
+
+
+def measure(model, calib, options: dict, inputs: dict, args, lengths: list[int], depths: list[float]) -> dict:
+    """The metrics of ``model`` wrapped with ``sq.wrap`` ``options``."""
+    sq.wrap(model, calib, **options)
     state = find_adapter(model).state()
     made = []
 
@@ -210,8 +269,6 @@ def measure(model, calib, method: str, bits: float, inputs: dict, args, lengths:
     finally:
         sq.unwrap(model)
     return dict(
-        method=method,
-        bits=bits,
         ratio=stats.ratio,
         held_bytes=stats.held_bytes,
         fp16_bytes=stats.fp16_bytes,
@@ -237,6 +294,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passkey-for", default="", help="method=bits pairs that get passkey runs (default: all)")
     p.add_argument("--greedy-prompts", type=int, default=3, help="prompts for the greedy-divergence test")
     p.add_argument("--greedy-tokens", type=int, default=48)
+    p.add_argument("--ablations", default="", help="'all' or comma-separated names from ABLATIONS")
+    p.add_argument("--ablation-bits", type=float, default=2.25, help="budget of the ablation rows")
     p.add_argument("--calibration", default=None, help="calibration file (default: calibrate once, cache)")
     p.add_argument("--out", default=None, help="output prefix for .json and .png")
     return p.parse_args()
@@ -257,6 +316,25 @@ def budgets(args) -> list[tuple[str, float]]:
     if "fp8" in per and not per["fp8"]:
         per["fp8"] = [8.0]
     return [(m, b) for m, values in per.items() for b in values]
+
+
+def runs(args, model, tok, calib: Calibration):
+    """``(row metadata, sq.wrap options, calibration)`` for every row asked for."""
+    if not args.ablations:
+        for method, bits in budgets(args):
+            yield dict(method=method, bits=bits), dict(method=method, bits=bits), calib
+        return
+    names = list(ABLATIONS) if args.ablations == "all" else [n.strip() for n in args.ablations.split(",")]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+    for name in names:
+        ablation = ABLATIONS[name]
+        options = ablation.wrap_options(args.ablation_bits)
+        calibration = (
+            load_calibration(model, tok, args.model, None, **ablation.calibration) if ablation.calibration else calib
+        )
+        yield dict(method="spectralquant", bits=args.ablation_bits, variant=name, options=options), options, calibration
 
 
 def main() -> None:
@@ -291,8 +369,9 @@ def main() -> None:
     )
 
     rows = []
+    width = 15 if not args.ablations else 48
     header = (
-        f"{'method':15s} {'bits':>5s} {'ratio':>6s} {'ppl%':>7s} {'KL':>7s} {'top1':>6s} {'pydoc%':>7s} "
+        f"{'method':{width}s} {'bits':>5s} {'ratio':>6s} {'ppl%':>7s} {'KL':>7s} {'top1':>6s} {'pydoc%':>7s} "
         f"{'cos min':>7s} {'greedy':>6s}  passkey"
     )
     print(header, flush=True)
@@ -306,17 +385,17 @@ def main() -> None:
         greedy_prompts=greedy_prompts,
         ref_greedy=ref_greedy,
     )
-    for method, bits in budgets(args):
+    for meta, options, calibration in runs(args, model, tok, calib):
         t = time.time()
-        run_passkey = not passkey_for or (method, f"{bits:g}") in passkey_for
-        row = measure(model, calib, method, bits, inputs, args, lengths if run_passkey else [], depths)
+        run_passkey = not passkey_for or (meta["method"], f"{meta['bits']:g}") in passkey_for
+        row = dict(meta, **measure(model, calibration, options, inputs, args, lengths if run_passkey else [], depths))
         rows.append(row)
         pk = row["passkey"]
         pk_text = " ".join(f"{k}:{v:.2f}" for k, v in pk.items()) if pk else "-"
         pydoc_change = 100 * row["pydoc"]["ppl_change"] if row["pydoc"] else math.nan
         greedy_mean = sum(row["greedy_divergence"]) / len(row["greedy_divergence"])
         print(
-            f"{method:15s} {bits:5g} {row['ratio']:6.2f} {100 * row['book']['ppl_change']:+7.2f} "
+            f"{label(row):{width}s} {row['bits']:5g} {row['ratio']:6.2f} {100 * row['book']['ppl_change']:+7.2f} "
             f"{row['book']['kl']:7.4f} {row['book']['top1']:6.3f} {pydoc_change:+7.2f} "
             f"{min(row['attention_cosine']):7.4f} {greedy_mean:6.1f}"
             f"  {pk_text}  ({time.time() - t:.0f}s)",

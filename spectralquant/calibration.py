@@ -31,7 +31,7 @@ KINDS = ("key", "value")
 @dataclass(frozen=True)
 class ModelSignature:
     """What a calibration fits: per-layer KV head counts and head dims, and which tensors were
-    captured (``key``/``value``, optionally ``query``)."""
+    captured (``key``/``value``, optionally ``query`` and ``output``)."""
 
     num_layers: int
     kv_heads: tuple[int, ...]
@@ -51,9 +51,11 @@ class ModelSignature:
             )
         if any(h < 1 for h in self.kv_heads) or any(d < 1 for d in self.head_dims):
             raise ValueError("head counts and head dims must be positive")
-        unknown = set(self.captured) - {"key", "value", "query"}
+        unknown = set(self.captured) - {"key", "value", "query", "output"}
         if unknown or not set(KINDS) <= set(self.captured):
-            raise ValueError(f"captured must include key and value (and may include query), got {self.captured}")
+            raise ValueError(
+                f"captured must include key and value (and may include query and output), got {self.captured}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -115,16 +117,26 @@ class KVStats:
 
 @dataclass
 class LayerCalibration:
-    """One layer's key and value statistics, and optionally the query second moment per KV head
-    ``query_moment [H, D, D]`` (averaged over the query heads that share a KV head)."""
+    """One layer's key and value statistics, and optionally, per KV head, the query second moment
+    ``query_moment [H, D, D]`` and the output projection's ``output_moment [H, D, D]``
+    (``W_o^T W_o`` restricted to the head's value coordinates), each averaged over the query heads
+    that share the KV head."""
 
     key: KVStats
     value: KVStats
     query_moment: torch.Tensor | None = None
+    output_moment: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.query_moment is not None:
-            self.query_moment = self.query_moment.detach().to("cpu", torch.float32).contiguous()
+        for name in ("query_moment", "output_moment"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.detach().to("cpu", torch.float32).contiguous())
+
+    def importance(self, kind: str) -> torch.Tensor | None:
+        """How errors of ``kind`` reach the attention output: the query moment for keys, the output
+        moment for values (None when not measured)."""
+        return self.query_moment if kind == "key" else self.output_moment
 
 
 @dataclass
@@ -191,6 +203,8 @@ class Calibration:
                     tensors[f"layers.{i}.{kind}.samples"] = stats.samples
             if layer.query_moment is not None:
                 tensors[f"layers.{i}.query.moment"] = layer.query_moment
+            if layer.output_moment is not None:
+                tensors[f"layers.{i}.output.moment"] = layer.output_moment
         if self.sensitivity is not None:
             tensors["sensitivity"] = self.sensitivity
         return tensors
@@ -265,7 +279,9 @@ def _read_layer(tensors: dict[str, torch.Tensor], i: int, counts: list[int]) -> 
             int(counts[k]),
             tensors.get(p + "samples"),
         )
-    return LayerCalibration(kinds["key"], kinds["value"], tensors.get(f"layers.{i}.query.moment"))
+    return LayerCalibration(
+        kinds["key"], kinds["value"], tensors.get(f"layers.{i}.query.moment"), tensors.get(f"layers.{i}.output.moment")
+    )
 
 
 def _validate(calib: Calibration, path: str) -> None:

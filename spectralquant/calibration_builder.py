@@ -55,6 +55,7 @@ class CalibrationBuilder:
         }
         self.query_sums: dict[int, torch.Tensor] = {}
         self.query_counts: dict[int, int] = {}
+        self.output_moments: dict[int, torch.Tensor] = {}
 
     def add(self, layer: int, kind: str, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Add vectors ``x [..., H, D]`` of ``kind`` ('key' or 'value') captured at ``layer``,
@@ -80,6 +81,15 @@ class CalibrationBuilder:
         self.query_sums[layer] = self.query_sums.get(layer, 0) + s
         self.query_counts[layer] = self.query_counts.get(layer, 0) + q.shape[0] * q.shape[2]
 
+    def set_output_projection(self, layer: int, weight: torch.Tensor) -> None:
+        """Record the attention output projection ``weight [hidden, Hq * D]`` of ``layer`` (columns
+        ordered by query head), kept as ``W_o^T W_o`` per KV head averaged over its query heads."""
+        h, d = self.signature.kv_heads[layer], self.signature.head_dims[layer]
+        if weight.dim() != 2 or weight.shape[1] % (h * d):
+            raise ValueError(f"output projection of shape {tuple(weight.shape)} does not fit {h} KV heads of dim {d}")
+        w = weight.detach().to("cpu", torch.float64).reshape(weight.shape[0], h, -1, d)
+        self.output_moments[layer] = torch.einsum("ohgi,ohgj->hij", w, w) / w.shape[2]
+
     def build(self, info: dict | None = None) -> Calibration:
         """The finished calibration; raises ``ValueError`` if some layer saw no data."""
         layers = []
@@ -91,8 +101,8 @@ class CalibrationBuilder:
                     raise ValueError(f"layer {i} captured no {kind}s: was the calibration data empty?")
                 kinds[kind] = KVStats.from_accumulator(acc, self.reservoirs[(i, kind)].items)
             moment = self.query_sums[i] / self.query_counts[i] if i in self.query_sums else None
-            layers.append(LayerCalibration(kinds["key"], kinds["value"], moment))
-        captured = KINDS + (("query",) if self.query_sums else ())
+            layers.append(LayerCalibration(kinds["key"], kinds["value"], moment, self.output_moments.get(i)))
+        captured = KINDS + (("query",) if self.query_sums else ()) + (("output",) if self.output_moments else ())
         sig = ModelSignature(
             self.signature.num_layers, self.signature.kv_heads, self.signature.head_dims, captured,
             self.signature.model_type, self.signature.name,

@@ -87,10 +87,15 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
                 )
             )
             continue
-        codecs.append(
-            LayerCodec(
-                Quantizer.from_stats(layer.key, config.key.with_(bits=kb), seed_offset=2 * i),
-                Quantizer.from_stats(layer.value, config.value.with_(bits=vb), seed_offset=2 * i + 1),
-            )
-        )
+        pair = []
+        for j, (kind, cfg, bits) in enumerate((("key", config.key, kb), ("value", config.value, vb))):
+            importance = layer.importance(kind)
+            if cfg.attention_aware and importance is None:
+                what = "query second moments" if kind == "key" else "output projections"
+                raise ValueError(
+                    f"attention_aware {kind}s need the calibration's {what}, which layer {i} lacks: "
+                    "recalibrate with this version's sq.calibrate, or set attention_aware=False"
+                )
+            pair.append(Quantizer.from_stats(getattr(layer, kind), cfg.with_(bits=bits), 2 * i + j, importance))
+        codecs.append(LayerCodec(*pair))
     return codecs

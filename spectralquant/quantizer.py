@@ -50,6 +50,10 @@ class QuantizerConfig:
     scale_bits: how the scale is stored: 8 (a log-scale byte, 1/16-octave steps, at most 2.2%
         off) or 16 (fp16).
     qjl_dims: if > 0, a 1-bit QJL sketch of the residual of that many leading coordinates.
+    attention_aware: water-fill by each coordinate's effect on attention rather than its variance
+        alone: ``sigma_i**2 * m_i`` where ``m_i`` is the importance matrix's weight on axis ``i``
+        (keys: the query second moment, as scores are ``q . k``; values: ``W_o^T W_o``, as the
+        output is ``W_o v``). Needs a calibration that measured them.
     seed: seed for random rotations and the QJL projection.
     """
 
@@ -65,6 +69,7 @@ class QuantizerConfig:
     scale: bool = True
     scale_bits: int = 8
     qjl_dims: int = 0
+    attention_aware: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -162,9 +167,18 @@ class Quantizer:
     # ------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_stats(cls, stats: KVStats, config: QuantizerConfig, seed_offset: int = 0) -> Quantizer:
-        """Build from calibration statistics: choose the basis, allocate bits, set the codebooks."""
+    def from_stats(
+        cls, stats: KVStats, config: QuantizerConfig, seed_offset: int = 0, importance: torch.Tensor | None = None
+    ) -> Quantizer:
+        """Build from calibration statistics: choose the basis, allocate bits, set the codebooks.
+
+        ``importance [H, D, D]`` (positive semi-definite) is how errors reach what matters; with
+        ``config.attention_aware`` it weights the allocation (required then, ignored otherwise).
+        """
         h, d = stats.heads, stats.dim
+        if config.attention_aware and (importance is None or importance.shape != (h, d, d)):
+            got = None if importance is None else tuple(importance.shape)
+            raise ValueError(f"attention_aware needs an importance matrix [{h}, {d}, {d}], got {got}")
         if config.qjl_dims > d:
             raise ValueError(f"qjl_dims={config.qjl_dims} exceeds head_dim {d}")
         lam, vecs = stats.eigenvalues.double(), stats.eigenvectors.double()
@@ -186,8 +200,11 @@ class Quantizer:
         else:
             basis = torch.eye(d, dtype=torch.float64).expand(h, d, d)
         variances = torch.einsum("hji,hjk,hki->hi", basis, cov, basis).clamp_min(0)
+        weights = variances
+        if config.attention_aware:
+            weights = variances * torch.einsum("hji,hjk,hki->hi", basis, importance.double(), basis).clamp_min(0)
         if config.allocation == "waterfill":
-            widths = waterfill(variances, config.bits, config.min_bits, config.max_bits)
+            widths = waterfill(weights, config.bits, config.min_bits, config.max_bits)
         else:
             widths = uniform_bits(d, config.bits, config.min_bits, config.max_bits).expand(h, d)
         if config.mix_bands:

@@ -19,6 +19,7 @@ def make_calibration(layers=2, heads=2, dim=16, samples=False) -> Calibration:
         builder.add(i, "key", k)
         builder.add(i, "value", v)
         builder.add_query(i, torch.randn(500, heads * 3, dim))
+        builder.set_output_projection(i, torch.randn(24, heads * 3 * dim))
     return builder.build({"corpus": "synthetic"})
 
 
@@ -36,6 +37,7 @@ def test_save_load_round_trip_preserves_everything(tmp_path):
             for name in ("mean", "eigenvalues", "eigenvectors", "samples"):
                 assert torch.equal(getattr(sa, name), getattr(sb, name))
         assert torch.equal(a.query_moment, b.query_moment)
+        assert torch.equal(a.output_moment, b.output_moment)
 
 
 def test_save_load_encode_gives_identical_bytes(tmp_path):
@@ -144,8 +146,26 @@ def test_builder_statistics_match_direct_computation():
     moment = torch.einsum("nhgi,nhgj->hij", grouped, grouped) / 900
     assert torch.allclose(calib.layers[0].query_moment, moment, atol=1e-5)
     assert calib.signature.captured == ("key", "value", "query")
+    assert calib.layers[0].output_moment is None and calib.layers[0].importance("value") is None
     eff = calib.effective_dims()
     assert eff[0]["key_participation"].shape == (2,)
+
+
+def test_output_moment_is_wo_transpose_wo_per_kv_head():
+    sig = ModelSignature(1, [2], [8])
+    b = CalibrationBuilder(sig)
+    b.add(0, "key", torch.randn(50, 2, 8))
+    b.add(0, "value", torch.randn(50, 2, 8))
+    w = torch.randn(20, 6 * 8)  # 6 query heads (3 per KV head), hidden 20
+    b.set_output_projection(0, w)
+    layer = b.build().layers[0]
+    for h in range(2):
+        blocks = [w[:, (3 * h + g) * 8 : (3 * h + g + 1) * 8] for g in range(3)]
+        expected = sum(blk.T @ blk for blk in blocks) / 3
+        assert torch.allclose(layer.output_moment[h], expected, rtol=1e-5, atol=1e-4)
+    assert layer.importance("value") is layer.output_moment and layer.importance("key") is None
+    with pytest.raises(ValueError, match="does not fit 2 KV heads of dim 8"):
+        b.set_output_projection(0, torch.randn(20, 20))
 
 
 def test_builder_errors():

@@ -254,3 +254,36 @@ def test_fp16_layers_and_fused_reference_path_agree(tiny_calibrations):
         assert cache.layers[1].codec is None and cache.layers[1].compressed_length == 0
         sq.unwrap(model)
     assert torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_aware_allocation_uses_measured_queries_and_output_projections(family, tiny_calibrations):
+    calib = tiny_calibrations(family)
+    assert set(calib.signature.captured) == {"key", "value", "query", "output"}
+    model = tiny_model(family)
+    hidden = model.config.hidden_size
+    for layer in calib.layers:
+        h, d = layer.value.heads, layer.value.dim
+        assert layer.output_moment.shape == (h, d, d)
+        # W_o^T W_o is positive semi-definite with trace = |W_o|^2 / (query heads per KV head).
+        assert float(torch.linalg.eigvalsh(layer.output_moment).min()) > -1e-4
+        assert 0 < float(layer.output_moment.diagonal(dim1=-2, dim2=-1).sum()) < 10 * hidden * d
+    x = ids(2, 48)
+    ref = history_logits(model, x, 40)
+    sq.wrap(model, calib, bits=3, attention_aware=True, window=4, chunk=2)
+    codecs = find_adapter(model).state().codecs
+    assert all(c.key.config.attention_aware and c.value.config.attention_aware for c in codecs if c is not None)
+    out = history_logits(model, x, 40)
+    sq.unwrap(model)
+    assert float(kl_divergence(ref, out).mean()) < 5e-3
+
+
+def test_attention_aware_needs_a_calibration_that_measured_it(tiny_calibrations):
+    calib = tiny_calibrations("llama")
+    stripped = type(calib)(calib.signature, [type(layer)(layer.key, layer.value) for layer in calib.layers], calib.info)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="attention_aware keys need the calibration's query second moments"):
+        sq.wrap(model, stripped, attention_aware=True)
+    assert not sq.is_wrapped(model)
+    sq.wrap(model, stripped, key_attention_aware=False, value_attention_aware=False)
+    sq.unwrap(model)

@@ -171,3 +171,33 @@ def test_poly_codebook_tables_are_the_polynomials_kernels_evaluate():
     for b in q.widths.unique().tolist():
         assert torch.equal(q.unit_levels[0, b, : 2**b], (poly_basis(b).float() @ q.poly_coeffs[0, b]).float())
     assert Quantizer.from_stats(stats, QuantizerConfig(bits=3, codebook="gaussian")).poly_coeffs is None
+
+
+def test_attention_aware_allocation_minimizes_the_weighted_error():
+    x, stats = anisotropic(20_000, 2, 32, decades=2)
+    # Errors seen through a query moment that weights the low-variance half of the eigenbasis 100x:
+    # the weighted error q^T e e^T q is what attention scores feel.
+    vecs = stats.eigenvectors
+    weight = torch.ones(2, 32)
+    weight[:, 16:] = 100.0
+    moment = vecs @ torch.diag_embed(weight) @ vecs.transpose(-1, -2)
+    plain = Quantizer.from_stats(stats, QuantizerConfig(bits=3, mix_bands=False))
+    aware_config = QuantizerConfig(bits=3, mix_bands=False, attention_aware=True)
+    aware = Quantizer.from_stats(stats, aware_config, importance=moment)
+    assert aware.widths.sum() == plain.widths.sum()
+    assert aware.widths[:, 16:].sum() > plain.widths[:, 16:].sum()
+
+    def weighted(q: Quantizer) -> float:
+        e = q.decode(q.encode(x)) - x
+        return float(torch.einsum("nhi,hij,nhj->", e, moment, e)) / len(x)
+
+    assert weighted(aware) < 0.7 * weighted(plain)
+    # An isotropic importance changes nothing: the allocation is still by variance alone.
+    iso = Quantizer.from_stats(
+        stats, QuantizerConfig(bits=3, attention_aware=True), importance=torch.eye(32).expand(2, 32, 32) * 5
+    )
+    assert torch.equal(iso.widths, Quantizer.from_stats(stats, QuantizerConfig(bits=3)).widths)
+    with pytest.raises(ValueError, match="importance matrix"):
+        Quantizer.from_stats(stats, QuantizerConfig(bits=3, attention_aware=True))
+    with pytest.raises(ValueError, match="importance matrix"):
+        Quantizer.from_stats(stats, QuantizerConfig(bits=3, attention_aware=True), importance=torch.eye(32))
