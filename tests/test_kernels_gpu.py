@@ -40,9 +40,16 @@ def test_codec_matches_the_quantizer_on_many_vectors(dim, bits):
     ref = qg.encode(x)
     poison()
     got = encode(qg, x)
+    # A vector whose scale sits within rounding of a log-scale step may take the neighbouring step
+    # (the kernel sums in another order); its codes then move with it. Elsewhere codes agree up to
+    # boundary rounding, and either way the kernel's encoding is as accurate as the reference's.
+    step = (got.scales.int() - ref.scales.int()).abs()
+    assert int(step.max()) <= 1 and step.float().mean() < 1e-3
+    same = (step == 0)[..., None]
     codes, ref_codes = qg.layout.unpack(got.records), qg.layout.unpack(ref.records)
-    assert (codes != ref_codes).float().mean() < 1e-4 and int((codes - ref_codes).abs().max()) <= 1
-    assert (got.scales.float() - ref.scales.float()).abs().max() <= 1e-3 * ref.scales.float().abs().max()
+    assert ((codes != ref_codes) & same).float().mean() < 1e-4
+    assert int(((codes - ref_codes).abs() * same).max()) <= 1
+    assert rel(qg.decode(got), x) < 1.001 * rel(qg.decode(ref), x)
     poison()
     decoded = decode(qg, ref)
     assert torch.isfinite(decoded).all()

@@ -37,7 +37,7 @@ CHUNK = 32  # rotations are done in chunks of this many coordinates
 # polynomial levels in fp16 (else float32), hand-written prefetch of the next block (else the
 # compiler's pipelining with ``stages`` stages).
 TUNING = dict(
-    block_t=64, num_warps=8, min_blocks=4, per_sm=8, maxnreg=None, fp16_levels=True, prefetch=True, stages=1
+    block_t=64, num_warps=4, min_blocks=4, per_sm=8, maxnreg=168, fp16_levels=True, prefetch=True, stages=1
 )
 
 
@@ -80,6 +80,18 @@ def _mask_cols(MASK, smb, sml, smt, b, l, cols, col_ok, row_ok, HAS_MASK: tl.con
 
 
 @triton.jit
+def _layout_fence(x, FENCE: tl.constexpr):
+    """``x`` (fp16) unchanged. On the GPU (``FENCE``; the interpreter has no inline PTX) an opaque copy
+    stops the compiler from computing ``x`` in the tensor-core operand layout it feeds: the key
+    levels of a block are then decoded with each thread on few coordinates and many tokens, so the
+    per-coordinate shift, mask and polynomial tables take a few registers instead of a few hundred,
+    and the levels reach the operand layout through shared memory."""
+    if FENCE:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False, pack=2)
+    return x
+
+
+@triton.jit
 def _load_block(k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t_ok, k_uw, v_uw,
                 K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
                 V_NU: tl.constexpr, V_NW: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr,
@@ -100,12 +112,13 @@ def _attend_block(
     v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_s, v_h, v_a1, v_a3, v_a5,
     K_NU: tl.constexpr, K_S: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr, K_POLY: tl.constexpr,
     V_NU: tl.constexpr, V_S: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr, V_POLY: tl.constexpr,
-    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, FENCE: tl.constexpr,
 ):
     """One online-softmax step over a block of compressed tokens ``t``: returns ``m_i, l_i, acc``."""
     uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5, K_NU, K_S, K_ALIGNED,
                      K_CROSSES, K_POLY, F16)
-    s = tl.dot(qs, tl.trans(uk.to(tl.float16))) * ksc[None, :]
+    uk = _layout_fence(uk.to(tl.float16), FENCE)
+    s = tl.dot(qs, tl.trans(uk)) * ksc[None, :]
     s = _finish_scores(s + qm[:, None], SOFTCAP, softcap)
     not_sink = (t < sink_lo) | (t >= sink_lo + n_sinks)
     ok = _mask_cols(MASK, smb, sml, smt, b, l, t, t_ok & not_sink, row_ok, HAS_MASK)
@@ -137,6 +150,7 @@ def _split_kernel(
     K_IS_POLY: tl.constexpr, V_IS_POLY: tl.constexpr, F16: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+    FENCE: tl.constexpr,
 ):
     split = tl.program_id(0)
     h = tl.program_id(1)
@@ -199,7 +213,7 @@ def _split_kernel(
                     k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_ps, k_ph, k_a1, k_a3, k_a5,
                     v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
                     K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
-                    F16, HAS_MASK, SOFTCAP,
+                    F16, HAS_MASK, SOFTCAP, FENCE,
                 )
                 k_lo, k_hi, v_lo, v_hi, ksc, vsc = k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n
         else:
@@ -215,7 +229,7 @@ def _split_kernel(
                     k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_ps, k_ph, k_a1, k_a3, k_a5,
                     v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
                     K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
-                    F16, HAS_MASK, SOFTCAP,
+                    F16, HAS_MASK, SOFTCAP, FENCE,
                 )
     else:
         # Exact tokens in the natural basis: the window, then the sinks that replace compressed slots.
@@ -418,7 +432,7 @@ def compressed_attention_triton(
         K_IS_POLY=kt.poly is not None, V_IS_POLY=vt.poly is not None, F16=opts["fp16_levels"],
         HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc, PREFETCH=opts["prefetch"],
-        STAGES=opts["stages"],
+        STAGES=opts["stages"], FENCE=query.is_cuda,
         num_warps=opts["num_warps"],
         **({"maxnreg": opts["maxnreg"]} if opts["maxnreg"] and query.is_cuda else {}),
     )
