@@ -59,6 +59,7 @@ class CompressedLayer(CacheLayerMixin):
         self.sink_keys = self.sink_values = None
         self.sink_pos: torch.Tensor | None = None  # [B] first real (non-padding) position per row
         self.pad_lengths: torch.Tensor | None = None  # set by the cache before the first update
+        self.sinks_end = 0  # no row has a sink at or past this position (a Python int: no GPU sync)
 
     # ------------------------------------------------------------------------------------- state
 
@@ -82,6 +83,7 @@ class CompressedLayer(CacheLayerMixin):
         pad = self.pad_lengths
         self.sink_pos = pad.to(self.device) if pad is not None else torch.zeros(b, dtype=torch.long, device=self.device)
         if self.num_sinks:
+            self.sinks_end = int(self.sink_pos.max()) + self.num_sinks
             self.sink_keys = self.keys.new_zeros(b, h, self.num_sinks, d)
             self.sink_values = self.values.new_zeros(b, h, self.num_sinks, value_states.shape[-1])
         self.is_initialized = True
@@ -149,7 +151,7 @@ class CompressedLayer(CacheLayerMixin):
         return self.sink_pos[:, None] + torch.arange(self.num_sinks, device=self.device)
 
     def _capture_sinks(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        if not self.num_sinks:
+        if start >= self.sinks_end:  # decoding past the sinks: skip the synchronizing nonzero()
             return
         local = self._sink_positions() - start  # [B, S] index into the new tokens
         rows, slots = ((local >= 0) & (local < k.shape[-2])).nonzero(as_tuple=True)
