@@ -161,8 +161,8 @@ def time_sdpa(batch: int, context: int, budget: int) -> dict:
     return dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
 
 
-def _setting(block_t: int, warps: int, per_sm: int, maxnreg: int | None, prefetch: bool = True, stages: int = 1):
-    return dict(block_t=block_t, num_warps=warps, per_sm=per_sm, maxnreg=maxnreg, prefetch=prefetch, stages=stages)
+def _setting(block_t: int, warps: int, per_sm: int, maxnreg: int | None):
+    return dict(block_t=block_t, num_warps=warps, per_sm=per_sm, maxnreg=maxnreg)
 
 
 # Launch settings the tune section times (fp16 polynomial levels throughout; float32 was slower).

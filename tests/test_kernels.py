@@ -136,14 +136,6 @@ def test_polynomial_and_table_levels_give_the_same_attention():
     assert rel(poly[True], table) < 1e-3
 
 
-@pytest.mark.parametrize("prefetch,stages", [(True, 1), (False, 1), (False, 3)])
-def test_pipelining_choices_do_not_change_the_result(prefetch, stages):
-    q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=6)
-    ref = compressed_attention_reference(q, kv, mask)
-    got = compressed_attention_triton(q, kv, mask, block_t=32, prefetch=prefetch, stages=stages)
-    assert rel(got, ref) < 2e-3
-
-
 def test_splits_and_blocks_do_not_change_the_result():
     q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=5)
     ref = compressed_attention_reference(q, kv, mask)
