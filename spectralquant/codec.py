@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,13 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
         raise ValueError(
             "layer_budget='sensitivity' needs a calibration with measured sensitivities: "
             "calibrate with sq.calibrate(model, tokenizer) (sensitivity=True), or use layer_budget='uniform'"
+        )
+    if config.key.bits != config.value.bits:
+        warnings.warn(
+            f"key_bits={config.key.bits} and value_bits={config.value.bits} are pooled by the sensitivity layer "
+            "budget, which splits their total between keys and values itself; to fix the split, set "
+            "layer_budget='uniform' or give layer_bits",
+            stacklevel=3,
         )
     sizes = torch.tensor([h * d for h, d in zip(sig.kv_heads, sig.head_dims)])
     lo = max(config.key.min_bits, config.value.min_bits, 1)

@@ -22,8 +22,9 @@ def allocate_layer_bits(
     min_bits: float = 1.0,
     max_bits: float = 8.0,
 ) -> torch.Tensor:
-    """Per-layer ``[L, 2]`` (key, value) bit widths averaging to the budget of ``key_bits`` for
-    every key and ``value_bits`` for every value.
+    """Per-layer ``[L, 2]`` (key, value) bit widths spending the bits of ``key_bits`` on every key
+    plus ``value_bits`` on every value, pooled: the greedy moves bits between keys and values too
+    (keys usually get more), so only ``key_bits + value_bits`` matters, not the split.
 
     ``sensitivity [L, 2]`` (non-negative), ``sizes [L]`` coordinates per token in each layer
     (KV heads x head_dim). The result never spends more than the budget and differs from it by

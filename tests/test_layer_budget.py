@@ -1,0 +1,53 @@
+"""Bit budgets across layers (spectralquant.layer_budget) and how build_codecs applies them."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectralquant.codec import layer_bits
+from spectralquant.config import resolve_config
+from spectralquant.layer_budget import allocate_layer_bits
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layers=st.integers(1, 12),
+    key_bits=st.sampled_from([1.5, 2.25, 3.0, 4.0]),
+    value_bits=st.sampled_from([1.5, 2.25, 3.0]),
+    seed=st.integers(0, 1000),
+)
+def test_budget_is_spent_and_never_exceeded(layers, key_bits, value_bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    sens = torch.rand(layers, 2, generator=g) * 10 ** torch.randint(-3, 2, (layers, 2), generator=g)
+    sizes = torch.tensor([64, 128, 256])[torch.randint(0, 3, (layers,), generator=g)]
+    step = 32 / 256
+    bits = allocate_layer_bits(sens, sizes, key_bits, value_bits, 2.0, step=step, min_bits=1, max_bits=8)
+    budget = float(sizes.sum() * (key_bits + value_bits))
+    spent = float((bits * sizes[:, None]).sum())
+    assert spent <= budget + 1e-6
+    assert budget - spent < step * float(sizes.min()) + 1e-6
+    assert bits.min() >= 1 and bits.max() <= 8
+
+
+def test_more_sensitive_layers_and_kinds_get_more_bits():
+    sens = torch.tensor([[1.0, 0.01], [10.0, 0.1], [0.1, 0.001]])
+    bits = allocate_layer_bits(sens, torch.tensor([64, 64, 64]), 2.25, 2.25, 2.0, step=0.5)
+    assert bits[1, 0] > bits[0, 0] > bits[2, 0]
+    assert (bits[:, 0] > bits[:, 1]).all()  # the pooled budget moves bits from values to keys
+    with pytest.raises(ValueError, match="sensitivity must be"):
+        allocate_layer_bits(sens[:, :1], torch.tensor([64, 64, 64]), 2, 2, 2.0)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        allocate_layer_bits(-sens, torch.tensor([64, 64, 64]), 2, 2, 2.0)
+
+
+def test_a_key_value_split_warns_under_the_pooled_budget_and_holds_under_a_uniform_one(tiny_calibrations):
+    calib = dataclasses.replace(tiny_calibrations("llama"))
+    calib.sensitivity = torch.rand(calib.signature.num_layers, 2, generator=torch.Generator().manual_seed(0))
+    split = dict(key_bits=3.0, value_bits=2.0)
+    with pytest.warns(UserWarning, match="pooled by the sensitivity layer budget"):
+        pooled = layer_bits(calib, resolve_config("max", **split))
+    assert pooled != layer_bits(calib, resolve_config("max", layer_budget="uniform", **split))
+    assert layer_bits(calib, resolve_config("max", layer_budget="uniform", **split)) == [(3.0, 2.0)] * len(pooled)
