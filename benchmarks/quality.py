@@ -69,7 +69,11 @@ class Ablation:
 
     def wrap_options(self, bits: float) -> dict:
         if self.key_shift:
-            return dict(self.dials, key_bits=bits + self.key_shift, value_bits=bits - self.key_shift)
+            # The sensitivity layer budget pools key and value bits, so a split only holds under a
+            # uniform one (compare these rows with "uniform layer budget").
+            return dict(
+                self.dials, key_bits=bits + self.key_shift, value_bits=bits - self.key_shift, layer_budget="uniform"
+            )
         return dict(self.dials, bits=bits)
 
 
