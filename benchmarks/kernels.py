@@ -168,7 +168,7 @@ def _setting(block_t: int, warps: int, per_sm: int, maxnreg: int | None):
 # Launch settings the tune section times (fp16 polynomial levels throughout; float32 was slower).
 TUNE_SETTINGS = (
     _setting(64, 8, 8, 128), _setting(64, 4, 8, 168), _setting(64, 4, 16, 168), _setting(64, 4, 4, 168),
-    _setting(64, 4, 8, None), _setting(128, 4, 4, 168), _setting(32, 4, 16, 128), _setting(32, 2, 16, 168),
+    _setting(64, 4, 8, None), _setting(64, 4, 8, 200), _setting(64, 4, 8, 232), _setting(32, 4, 16, 128),
 )
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from spectralquant.kernels import compressed_attention, compressed_attention_reference  # noqa: E402
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer  # noqa: E402
 from spectralquant.kernels.tables import poly_tables, tables_of, unsupported_reason  # noqa: E402
-from spectralquant.kernels.triton_attention import compressed_attention_triton  # noqa: E402
+from spectralquant.kernels.triton_attention import _splits, compressed_attention_triton  # noqa: E402
 from spectralquant.kernels.triton_codec import decode, encode  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
 
@@ -139,10 +139,22 @@ def test_polynomial_and_table_levels_give_the_same_attention():
 def test_splits_and_blocks_do_not_change_the_result():
     q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=5)
     ref = compressed_attention_reference(q, kv, mask)
-    for block_t, min_blocks, per_sm in ((16, 1, 64), (32, 3, 4), (64, 1, 4)):  # 11 splits of 16 tokens, 2, 1
-        got = compressed_attention_triton(q, kv, mask, block_t=block_t, min_blocks=min_blocks, per_sm=per_sm,
-                                          num_warps=4)
+    rows = kv.shape[0] * kv.key_quantizer.heads
+    for block_t, min_blocks, splits in ((16, 1, 11), (32, 3, 2), (64, 4, 1)):
+        opts = dict(block_t=block_t, min_blocks=min_blocks, per_sm=64, fill=1)
+        assert _splits(kv.compressed_length, rows, block_t, q.device, min_blocks, 64, 1)[0] == splits
+        got = compressed_attention_triton(q, kv, mask, num_warps=4, **opts)
         assert rel(got, ref) < 2e-3
+
+
+def test_split_rule_amortizes_programs_fills_the_gpu_and_caps_waves():
+    cpu = torch.device("cpu")  # counts as 4 multiprocessors
+    # (tokens, rows, block, min_blocks, per_sm, fill) -> (splits, tokens per split)
+    assert _splits(256 * 64, 1, 64, cpu, 16, 8, 2) == (16, 1024)  # splits of min_blocks blocks
+    assert _splits(64 * 64, 1, 64, cpu, 16, 8, 2) == (8, 512)  # at least fill programs per multiprocessor
+    assert _splits(1024 * 64, 1, 64, cpu, 16, 8, 2) == (32, 2048)  # at most per_sm programs per multiprocessor
+    assert _splits(100, 1, 64, cpu, 16, 8, 2) == (2, 64)  # never more splits than blocks
+    assert _splits(0, 1, 64, cpu, 16, 8, 2) == (0, 64)
 
 
 def test_a_row_with_nothing_to_attend_gives_zeros_and_sink_slots_use_exact_values():
@@ -172,6 +184,10 @@ def test_dispatcher_falls_back_to_the_reference_where_the_kernel_does_not_apply(
     qjl = random_quantizer(1, 32, 2, qjl_dims=8)
     assert "QJL" in unsupported_reason(qjl)
     assert "power of two" in unsupported_reason(random_quantizer(1, 48, 2))
+    assert unsupported_reason(random_quantizer(1, 32, 2)) is None
+    huge = random_quantizer(1, 32, 2)
+    huge.sigma = huge.sigma * (1e5 / float(huge.sigma.max()))
+    assert "fp16 range" in unsupported_reason(huge)
     kv.key_quantizer = qjl.to(DEVICE)
     with pytest.raises(ValueError, match="use compressed_attention"):
         compressed_attention_triton(q, kv, mask)

@@ -22,6 +22,8 @@ from ..packing import UNIT_BITS, RecordLayout, word_aligned
 from ..quantizer import Quantizer
 
 MIN_DIM, MAX_DIM = 16, 256
+FP16_MAX = 65504.0
+_REASONS: weakref.WeakKeyDictionary[Quantizer, str | None] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -31,7 +33,8 @@ class KernelTables:
     Shapes: ``unit_word``/``unit_shift`` int32 ``[H, NU]``; ``slot_shift``/``slot_mask`` int32
     ``[H, D]`` (stored order); ``levels16``/``levels32``/``bounds`` ``[H, L]`` with
     ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``mean [H, D]``,
-    ``norm_ref [H]`` float32; ``poly [H, 5, D]`` float32 for polynomial codebooks, else None.
+    ``norm_ref [H]`` float32; ``basis_sigma16 [H, D, D]`` fp16 (``basis_p * sigma_p``, for the
+    attention's rotations); ``poly [H, 5, D]`` float32 for polynomial codebooks, else None.
     """
 
     heads: int
@@ -54,6 +57,7 @@ class KernelTables:
     bounds: torch.Tensor
     basis_p: torch.Tensor
     sigma_p: torch.Tensor
+    basis_sigma16: torch.Tensor
     mean: torch.Tensor
     norm_ref: torch.Tensor
     poly: torch.Tensor | None
@@ -65,7 +69,16 @@ class KernelTables:
 
 def unsupported_reason(quantizer: Quantizer) -> str | None:
     """Why the Triton kernels cannot run this quantizer (then callers use the PyTorch reference),
-    or None if they can."""
+    or None if they can. Cached per quantizer object (the answer reads its device tensors once)."""
+    if isinstance(quantizer, Quantizer) and quantizer in _REASONS:
+        return _REASONS[quantizer]
+    reason = _unsupported_reason(quantizer)
+    if isinstance(quantizer, Quantizer):
+        _REASONS[quantizer] = reason
+    return reason
+
+
+def _unsupported_reason(quantizer: Quantizer) -> str | None:
     if not isinstance(quantizer, Quantizer):
         return f"{type(quantizer).__name__} is a baseline codec (the kernels read SpectralQuant records)"
     d = quantizer.dim
@@ -75,6 +88,8 @@ def unsupported_reason(quantizer: Quantizer) -> str | None:
         return f"head_dim {d} is not a power of two in [{MIN_DIM}, {MAX_DIM}]"
     if quantizer.layout.total_bits == 0:
         return "records are empty (0 bits per vector)"
+    if float(quantizer.sigma.abs().max()) > FP16_MAX:
+        return f"a coordinate's scale sigma exceeds {FP16_MAX:g}, the fp16 range the attention's rotations use"
     return None
 
 
@@ -142,6 +157,8 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
     levels, bounds = _flat_codebooks(quantizer)
     lt = layout_tables(layout)
     trace = quantizer.trace.float()
+    basis_p = torch.gather(quantizer.basis, 2, order[:, None, :].expand_as(quantizer.basis)).contiguous()
+    sigma_p = torch.gather(quantizer.sigma, 1, order).contiguous()
     on = {k: v.to(device).contiguous() if isinstance(v, torch.Tensor) else v for k, v in lt.items()}
     return KernelTables(
         heads=quantizer.heads,
@@ -159,8 +176,9 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
         levels16=levels.to(device, torch.float16),
         levels32=levels.to(device),
         bounds=bounds.to(device),
-        basis_p=torch.gather(quantizer.basis, 2, order[:, None, :].expand_as(quantizer.basis)).contiguous(),
-        sigma_p=torch.gather(quantizer.sigma, 1, order).contiguous(),
+        basis_p=basis_p,
+        sigma_p=sigma_p,
+        basis_sigma16=(basis_p * sigma_p[:, None, :]).half(),
         mean=quantizer.mean.to(device).float().contiguous(),
         norm_ref=torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt().to(device),
         poly=poly.to(device) if (poly := poly_tables(quantizer)) is not None else None,

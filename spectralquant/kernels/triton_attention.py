@@ -9,11 +9,12 @@ Reference: :func:`~spectralquant.kernels.reference.compressed_attention_referenc
    ``q.k = scale_t * (q_s . u_t) + q.mean`` with ``u_t`` the unit-codebook levels of the record,
    computed from the codes (a few multiply-adds for polynomial codebooks, a table lookup for
    others) and fed to a tensor-core dot in fp16. Values accumulate
-   ``p_t * scale_t * u_t`` in the same unit basis. Sink positions are skipped here. Program
-   ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window) in the natural basis.
-2. ``_combine_kernel``, grid ``(H, B)``: merges the partial softmaxes, multiplies the compressed
-   part by sigma and rotates it back once (``x = V z + mean`` summed over probabilities), adds
-   the exact part and normalizes.
+   ``p_t * scale_t * u_t`` in the same unit basis; at the end the program multiplies the
+   normalized partial by sigma and rotates it back (``x = V z + mean``). Sink positions are skipped here.
+   Program ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window) in the natural
+   basis.
+2. ``_combine_kernel``, grid ``(H, B, D / 32)``: merges the normalized partial outputs of all
+   splits in one online-softmax pass, for 32 output coordinates per program.
 
 Limits (the dispatcher falls back to the reference outside them): quantizers the kernels
 support (:func:`~spectralquant.kernels.tables.unsupported_reason`), ``G * Lq <= 128``.
@@ -32,10 +33,13 @@ from .triton_codec import load_poly, load_slot_tables, load_units, stored_to_sca
 LOG2E = 1.4426950408889634
 MAX_ROWS = 128  # G * Lq query rows per program
 CHUNK = 32  # rotations are done in chunks of this many coordinates
+COMBINE_DC = 32  # output coordinates per combine program
+COMBINE_TILE = 4096  # partial elements a combine program loads at a time (parts x rows x coordinates)
 # Launch settings used when a call does not give them (benchmarks/kernels.py tunes them on the GPU):
-# tokens per step, warps, minimum blocks per split, programs per multiprocessor, register cap,
-# polynomial levels in fp16 (else float32).
-TUNING = dict(block_t=64, num_warps=4, min_blocks=4, per_sm=8, maxnreg=168, fp16_levels=True)
+# tokens per step, warps, blocks per split, least and most programs per multiprocessor (see
+# _splits), register cap (word-aligned records, records whose units straddle words: those need
+# more registers, and spill at 168), polynomial levels in fp16 (else float32).
+TUNING = dict(block_t=64, num_warps=4, min_blocks=16, fill=2, per_sm=8, maxnreg=(168, 232), fp16_levels=True)
 
 
 @triton.jit
@@ -135,9 +139,9 @@ def _split_kernel(
     WK, swkb, swkh, swkt, WV, swvb, swvh, swvt,
     SK, sskb, sskh, sskt, SV, ssvb, ssvh, ssvt, SPOS,
     MASK, smb, sml, smt,
-    K_UW, K_USH, K_SSH, K_SMASK, K_LUT, K_POLY, K_BASIS, K_SIGMA, K_MEAN,
+    K_UW, K_USH, K_SSH, K_SMASK, K_LUT, K_POLY, K_BASIS, K_MEAN,
     V_UW, V_USH, V_SSH, V_SMASK, V_LUT, V_POLY,
-    PACC, PM, PL,
+    V_BASIS, V_MEAN, PO, PM, PL,
     n_compressed, n_window, n_sinks, n_splits, split_len, qk_scale, softcap,
     K_LUTN: tl.constexpr, V_LUTN: tl.constexpr,
     G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
@@ -165,15 +169,16 @@ def _split_kernel(
     l_i = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, D), tl.float32)
     if split < n_splits:
-        # Query rotated into the key basis (stored order) and scaled by sigma; q.mean separately.
+        # Query rotated into the key basis (stored order) and scaled by sigma (K_BASIS holds
+        # basis * sigma in fp16); q.mean separately.
         qs = tl.zeros((M, D), tl.float32)
         qm = tl.zeros((M,), tl.float32)
         for k0 in tl.static_range(0, D, KC):
             k = k0 + tl.arange(0, KC)
-            qc = tl.load(q_rows[:, None] + k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            qs += tl.dot(qc, tl.load(K_BASIS + h * D * D + k[:, None] * D + d[None, :]))
-            qm += tl.sum(qc * tl.load(K_MEAN + h * D + k)[None, :], 1)
-        qs = (qs * (tl.load(K_SIGMA + h * D + d)[None, :] * qk_scale)).to(tl.float16)
+            qc = tl.load(q_rows[:, None] + k[None, :], mask=row_ok[:, None], other=0.0)
+            qs += tl.dot(qc.to(tl.float16), tl.load(K_BASIS + h * D * D + k[:, None] * D + d[None, :]))
+            qm += tl.sum(qc.to(tl.float32) * tl.load(K_MEAN + h * D + k)[None, :], 1)
+        qs = (qs * qk_scale).to(tl.float16)
         qm = qm * qk_scale
         k_uw, k_ush, k_ssh, k_smask = load_slot_tables(
             K_UW + h * K_NU, K_USH + h * K_NU, K_SSH + h * D, K_SMASK + h * D, K_NU, K_S
@@ -240,58 +245,55 @@ def _split_kernel(
     part = ((b64 * n_heads + h) * (n_splits + 1) + split) * (G * LQ)
     tl.store(PM + part + m, m_i, mask=row_ok)
     tl.store(PL + part + m, l_i, mask=row_ok)
-    tl.store(PACC + (part + m)[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_rows = PO + (part + m)[:, None] * D
+    if split < n_splits:
+        # History partials are in the value basis: x = (basis * sigma) z + mean, rotated here (once
+        # per split, in chunks of output coordinates) so the combine is a plain merge it parallelizes.
+        z = o.to(tl.float16)
+        for c0 in tl.static_range(0, D, KC):
+            c = c0 + tl.arange(0, KC)
+            basis_t = tl.load(V_BASIS + h * D * D + c[None, :] * D + d[:, None])  # [D stored, KC natural]
+            x = tl.dot(z, basis_t) + tl.load(V_MEAN + h * D + c)[None, :]
+            tl.store(o_rows + c[None, :], x, mask=row_ok[:, None])
+    else:
+        tl.store(o_rows + d[None, :], o, mask=row_ok[:, None])
 
 
 @triton.jit
 def _combine_kernel(
-    PACC, PM, PL, V_BASIS, V_SIGMA, V_MEAN, O, sob, soh, sol, n_splits,
-    G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr, KC: tl.constexpr, SB: tl.constexpr,
+    PO, PM, PL, O, sob, soh, sol, n_parts,
+    G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, SB: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
+    c = tl.program_id(2) * DC + tl.arange(0, DC)
     n_heads = tl.num_programs(0)
-    m = tl.arange(0, M)
-    row_ok = m < G * LQ
-    d = tl.arange(0, D)
-    first = (b.to(tl.int64) * n_heads + h) * (n_splits + 1)
-    kb = tl.arange(0, SB)
-    # Partials are read SB splits at a time, so their loads are in flight together.
-    top = tl.full((M,), float("-inf"), tl.float32)
-    for k0 in range(0, n_splits + 1, SB):
-        k = k0 + kb
-        ok = (k < n_splits + 1)[:, None] & row_ok[None, :]
-        mk = tl.load(PM + (first + k)[:, None] * (G * LQ) + m[None, :], mask=ok, other=float("-inf"))
-        top = tl.maximum(top, tl.max(mk, 0))
-    top = tl.where(top == float("-inf"), 0.0, top)
-    l_hist = tl.zeros((M,), tl.float32)
-    for k0 in range(0, n_splits, SB):
-        k = k0 + kb
-        rows = (first + k)[:, None] * (G * LQ) + m[None, :]
-        ok = (k < n_splits)[:, None] & row_ok[None, :]
-        weight = tl.exp2(tl.load(PM + rows, mask=ok, other=float("-inf")) - top[None, :])
-        l_hist += tl.sum(weight * tl.load(PL + rows, mask=ok, other=0.0), 0)
-    exact = (first + n_splits) * (G * LQ) + m
-    w_exact = tl.exp2(tl.load(PM + exact, mask=row_ok, other=float("-inf")) - top)
-    l_all = l_hist + w_exact * tl.load(PL + exact, mask=row_ok, other=0.0)
-    out = l_hist[:, None] * tl.load(V_MEAN + h * D + d)[None, :]
-    out += w_exact[:, None] * tl.load(PACC + exact[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    for c0 in tl.static_range(0, D, KC):
-        c = c0 + tl.arange(0, KC)
-        z = tl.zeros((M, KC), tl.float32)
-        for k0 in range(0, n_splits, SB):
-            k = k0 + kb
-            rows = (first + k)[:, None] * (G * LQ) + m[None, :]
-            ok = (k < n_splits)[:, None] & row_ok[None, :]
-            weight = tl.exp2(tl.load(PM + rows, mask=ok, other=float("-inf")) - top[None, :])
-            part = tl.load(PACC + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
-            z += tl.sum(weight[:, :, None] * part, 0)
-        z = z * tl.load(V_SIGMA + h * D + c)[None, :]
-        out += tl.dot(z, tl.load(V_BASIS + h * D * D + d[None, :] * D + c[:, None]))  # [KC, D] = basis_p^T
-    out = tl.where(l_all[:, None] > 0, out / tl.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
-    g = m // LQ
-    l = m % LQ
-    ptr = O + b.to(tl.int64) * sob + (h * G + g).to(tl.int64)[:, None] * soh + l[:, None] * sol + d[None, :]
+    r = tl.arange(0, R)
+    row_ok = r < G * LQ
+    first = (b.to(tl.int64) * n_heads + h) * n_parts
+    # One online pass over the normalized partials, SB parts at a time (their loads are in flight together).
+    m_run = tl.full((R,), float("-inf"), tl.float32)
+    l_run = tl.zeros((R,), tl.float32)
+    o_run = tl.zeros((R, DC), tl.float32)
+    for k0 in range(0, n_parts, SB):
+        k = k0 + tl.arange(0, SB)
+        ok = (k < n_parts)[:, None] & row_ok[None, :]
+        rows = (first + k)[:, None] * (G * LQ) + r[None, :]
+        pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
+        pl = tl.load(PL + rows, mask=ok, other=0.0)
+        po = tl.load(PO + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(pm, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(pm - m_use[None, :]) * pl
+        alpha = tl.exp2(m_run - m_use)
+        l_run = l_run * alpha + tl.sum(w, 0)
+        o_run = o_run * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
+        m_run = m_new
+    out = tl.where(l_run[:, None] > 0, o_run / tl.where(l_run > 0, l_run, 1.0)[:, None], 0.0)
+    g = r // LQ
+    l = r % LQ
+    ptr = O + b.to(tl.int64) * sob + (h * G + g).to(tl.int64)[:, None] * soh + l[:, None] * sol + c[None, :]
     tl.store(ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -315,15 +317,18 @@ def attention_unsupported_reason(query: torch.Tensor, kv: CompressedKV) -> str |
 
 
 def _splits(
-    n_compressed: int, rows: int, block: int, device: torch.device, min_blocks: int, per_sm: int
+    n_compressed: int, rows: int, block: int, device: torch.device, min_blocks: int, per_sm: int, fill: int
 ) -> tuple[int, int]:
-    """(number of splits, tokens per split): about ``per_sm`` programs per multiprocessor (several
-    waves keep the last one short), each with at least ``min_blocks`` blocks of ``block`` tokens."""
+    """(number of splits, tokens per split) for ``rows`` (batch x KV heads) histories of ``block``-token
+    blocks: splits of ``min_blocks`` blocks each (a program's set-up and rotation back cost about a
+    block, so long splits amortize them), but at least ``fill`` programs per multiprocessor and at
+    most ``per_sm`` (several waves keep the last one short), and never more splits than blocks."""
     blocks = triton.cdiv(n_compressed, block)
     if blocks == 0:
         return 0, block
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, min(triton.cdiv(per_sm * sms, rows), triton.cdiv(blocks, min_blocks)))
+    want = max(triton.cdiv(blocks, min_blocks), triton.cdiv(fill * sms, rows))
+    want = max(1, min(want, triton.cdiv(per_sm * sms, rows), blocks))
     per = triton.cdiv(blocks, want)
     return triton.cdiv(blocks, per), per * block
 
@@ -350,8 +355,10 @@ def compressed_attention_triton(
 ) -> torch.Tensor:
     """Fused attention of ``query [B, Hq, Lq, D]`` over ``kv`` (contract: the reference).
     ``tuning`` overrides :data:`TUNING`: ``block_t`` (tokens per step; halved for head_dim 256),
-    ``num_warps``, ``min_blocks`` (blocks per split), ``per_sm`` (programs per multiprocessor),
-    ``maxnreg`` (register cap per thread, None for none), ``fp16_levels`` (polynomial codebook
+    ``num_warps``, ``min_blocks`` (blocks per split), ``fill`` and ``per_sm`` (least and most
+    programs per multiprocessor),
+    ``maxnreg`` (register cap per thread, None for none, or a pair: for word-aligned records and
+    for records whose units straddle words), ``fp16_levels`` (polynomial codebook
     levels computed in fp16, else float32)."""
     unknown = set(tuning) - set(TUNING)
     if unknown:
@@ -372,7 +379,7 @@ def compressed_attention_triton(
     if query.stride(-1) != 1:
         query = query.contiguous()
     bt = opts["block_t"] if d <= 128 else max(16, opts["block_t"] // 2)
-    n_splits, split_len = _splits(tc, b * h, bt, query.device, opts["min_blocks"], opts["per_sm"])
+    n_splits, split_len = _splits(tc, b * h, bt, query.device, opts["min_blocks"], opts["per_sm"], opts["fill"])
     kw, vw = _words(kv.key.records), _words(kv.value.records)
     ksc = kv.key.scales if kt.scaled else kv.window_keys
     vsc = kv.value.scales if vt.scaled else kv.window_keys
@@ -389,11 +396,14 @@ def compressed_attention_triton(
     scale = d**-0.5 if scaling is None else scaling
     qk_scale = scale if softcap is not None else scale * LOG2E
     parts = n_splits + 1
-    pacc = torch.empty(b, h, parts, rows, d, dtype=torch.float32, device=query.device)
+    po = torch.empty(b, h, parts, rows, d, dtype=torch.float32, device=query.device)
     pm = torch.empty(b, h, parts, rows, dtype=torch.float32, device=query.device)
     pl = torch.empty_like(pm)
     out = torch.empty_like(query)
     kc = min(CHUNK, d)
+    maxnreg = opts["maxnreg"]
+    if isinstance(maxnreg, tuple):
+        maxnreg = maxnreg[kt.crosses or vt.crosses]
     _split_kernel[(parts, h, b)](
         query, query.stride(0), query.stride(1), query.stride(2),
         kw, kw.stride(0), kw.stride(1), kw.stride(2), ksc, *ksc.stride()[:3],
@@ -401,9 +411,9 @@ def compressed_attention_triton(
         kv.window_keys, *kv.window_keys.stride()[:3], kv.window_values, *kv.window_values.stride()[:3],
         sk, *sk.stride()[:3], sv, *sv.stride()[:3], kv.sink_pos,
         mask_arg, *mask_strides,
-        kt.unit_word, kt.unit_shift, kt.slot_shift, kt.slot_mask, kt.levels16, _poly_arg(kt), kt.basis_p, kt.sigma_p,
+        kt.unit_word, kt.unit_shift, kt.slot_shift, kt.slot_mask, kt.levels16, _poly_arg(kt), kt.basis_sigma16,
         kt.mean, vt.unit_word, vt.unit_shift, vt.slot_shift, vt.slot_mask, vt.levels16, _poly_arg(vt),
-        pacc, pm, pl,
+        vt.basis_sigma16, vt.mean, po, pm, pl,
         tc, n_window, n_sinks, n_splits, split_len, qk_scale, softcap if softcap is not None else 1.0,
         K_LUTN=kt.table_size, V_LUTN=vt.table_size,
         G=g, LQ=lq, M=m_rows, D=d,
@@ -415,11 +425,14 @@ def compressed_attention_triton(
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
         FENCE=query.is_cuda,
         num_warps=opts["num_warps"],
-        **({"maxnreg": opts["maxnreg"]} if opts["maxnreg"] and query.is_cuda else {}),
+        **({"maxnreg": maxnreg} if maxnreg and query.is_cuda else {}),
     )
-    _combine_kernel[(h, b)](
-        pacc, pm, pl, vt.basis_p, vt.sigma_p, vt.mean, out, out.stride(0), out.stride(1), out.stride(2), n_splits,
-        G=g, LQ=lq, M=m_rows, D=d, KC=kc, SB=8, num_warps=4,
+    r_rows = triton.next_power_of_2(rows)
+    dc = min(COMBINE_DC, d)
+    sb = max(1, min(triton.next_power_of_2(parts), COMBINE_TILE // (r_rows * dc)))
+    _combine_kernel[(h, b, d // dc)](
+        po, pm, pl, out, out.stride(0), out.stride(1), out.stride(2), parts,
+        G=g, LQ=lq, R=r_rows, D=d, DC=dc, SB=sb, num_warps=4,
     )
     return out
 
