@@ -21,6 +21,7 @@ from spectralquant.kernels.tables import poly_tables, tables_of, unsupported_rea
 from spectralquant.kernels.triton_attention import _splits, compressed_attention_triton  # noqa: E402
 from spectralquant.kernels.triton_codec import decode, encode  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
+from spectralquant.quantizer import Encoded  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,6 +29,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+def on_device(enc: Encoded) -> Encoded:
+    return Encoded(*(t.to(DEVICE) if t is not None else None for t in (enc.records, enc.scales)))
 
 
 def vectors(q, n: int, seed: int) -> torch.Tensor:
@@ -59,8 +64,19 @@ def test_encode_and_decode_match_the_quantizer(case):
         assert torch.equal(got.scales.cpu(), ref.scales)
     else:
         assert got.scales is None
-    decoded = decode(q.to(DEVICE), ref).cpu()
+    decoded = decode(q.to(DEVICE), on_device(ref)).cpu()
     assert torch.allclose(decoded, q.decode(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e-5, 1e5])
+def test_encode_matches_the_quantizer_at_extreme_magnitudes(magnitude):
+    q = random_quantizer(2, 32, 3, seed=4)
+    x = vectors(q, 40, seed=5) * magnitude
+    ref = q.encode(x)
+    got = encode(q.to(DEVICE), x.to(DEVICE))
+    codes, ref_codes = q.layout.unpack(got.records.cpu()), q.layout.unpack(ref.records)
+    assert (codes != ref_codes).float().mean() < 2e-3 and (codes - ref_codes).abs().max() <= 1
+    assert torch.equal(got.scales.cpu(), ref.scales)
 
 
 @pytest.mark.parametrize("bits", [1, 2.5, 4, 6])
@@ -75,7 +91,7 @@ def test_poly_tables_reproduce_the_unit_levels(bits):
         m = (y / s).double()
         coeffs = torch.stack([a1 * s, a3 * s**3, a5 * s**5], -1)  # c1, c3, c5 (power-of-two rescaling is exact)
         exact = (torch.stack([m, m**3, m**5], -1).float()[..., None, :] @ coeffs[..., None])[..., 0, 0]
-        assert torch.equal(torch.where(ok, exact, 0), torch.where(ok, want, 0))
+        assert torch.allclose(torch.where(ok, exact, 0), torch.where(ok, want, 0), rtol=1e-6, atol=0)  # to an ulp
         horner = y * (a1 + y * y * (a3 + y * y * a5))  # the kernels' form
         assert torch.allclose(torch.where(ok, horner, 0), torch.where(ok, want, 0), rtol=0, atol=1e-6)
     assert poly_tables(random_quantizer(1, 16, 2, codebook="gaussian")) is None
@@ -85,7 +101,7 @@ def test_decode_reads_the_plain_coordinate_order_layout_too():
     q = random_quantizer(2, 32, 4, seed=3)
     q.layout = RecordLayout(q.widths, permute=False)
     enc = q.encode(vectors(q, 40, seed=4))
-    assert torch.allclose(decode(q.to(DEVICE), enc).cpu(), q.decode(enc), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(decode(q.to(DEVICE), on_device(enc)).cpu(), q.decode(enc), rtol=1e-5, atol=1e-5)
 
 
 ATTENTION_CASES = [
