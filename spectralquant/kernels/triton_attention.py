@@ -10,9 +10,9 @@ Reference: :func:`~spectralquant.kernels.reference.compressed_attention_referenc
    computed from the codes (a few multiply-adds for polynomial codebooks, a table lookup for
    others) and fed to a tensor-core dot in fp16. Values accumulate
    ``p_t * scale_t * u_t`` in the same unit basis; at the end the program multiplies the
-   normalized partial by sigma and rotates it back (``x = V z + mean``). Sink positions are skipped here.
-   Program ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window) in the natural
-   basis.
+   normalized partial by sigma and rotates it back (``x = V z + mean``). Sink positions are
+   skipped here. Program ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window)
+   in the natural basis.
 2. ``_combine_kernel``, grid ``(H, B, D / 32)``: merges the normalized partial outputs of all
    splits in one online-softmax pass, for 32 output coordinates per program.
 
@@ -356,10 +356,9 @@ def compressed_attention_triton(
     """Fused attention of ``query [B, Hq, Lq, D]`` over ``kv`` (contract: the reference).
     ``tuning`` overrides :data:`TUNING`: ``block_t`` (tokens per step; halved for head_dim 256),
     ``num_warps``, ``min_blocks`` (blocks per split), ``fill`` and ``per_sm`` (least and most
-    programs per multiprocessor),
-    ``maxnreg`` (register cap per thread, None for none, or a pair: for word-aligned records and
-    for records whose units straddle words), ``fp16_levels`` (polynomial codebook
-    levels computed in fp16, else float32)."""
+    programs per multiprocessor), ``maxnreg`` (register cap per thread, None for none, or a pair:
+    for word-aligned records and for records whose units straddle words), ``fp16_levels``
+    (polynomial codebook levels computed in fp16, else float32)."""
     unknown = set(tuning) - set(TUNING)
     if unknown:
         raise ValueError(f"unknown tuning option(s) {sorted(unknown)}; valid: {sorted(TUNING)}")
