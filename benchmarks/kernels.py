@@ -105,11 +105,12 @@ def sets_for(bytes_per_set: int, budget: int) -> int:
     return min(want, budget // bytes_per_set)
 
 
-def quantizer_pair(bits: float, legacy: bool = False):
-    """Key and value quantizers of Llama-8B KV shape; ``legacy``: codes in coordinate order."""
+def quantizer_pair(bits: float, legacy: bool = False, **config):
+    """Key and value quantizers of Llama-8B KV shape; ``legacy``: codes in coordinate order;
+    ``config``: quantizer options (e.g. ``codebook``)."""
     pair = []
     for seed in (0, 1):
-        q = random_quantizer(HKV, DIM, bits, seed=seed)
+        q = random_quantizer(HKV, DIM, bits, seed=seed, **config)
         if legacy:
             q.layout = RecordLayout(q.widths, permute=False)
         pair.append(q)
@@ -191,17 +192,18 @@ def tune(bits: float, budget: int, log) -> dict:
 
 
 def codebook_comparison(args, budget: int, log) -> list[dict]:
-    """The same records read through polynomial levels (fp16 or float32) vs the level lookup table."""
+    """The same records read through polynomial levels (fp16 or float32) vs the level lookup table,
+    and records of the linear codebook (evenly spaced levels: two operations per code)."""
     rows = []
     for bits in args.bits:
-        for kind in ("poly fp16", "poly fp32", "lookup table"):
-            pair = quantizer_pair(bits)
+        for kind in ("poly fp16", "poly fp32", "linear fp16", "lookup table"):
+            pair = quantizer_pair(bits, codebook="linear" if kind.startswith("linear") else "poly")
             tuning = dict(args.tuned[bits])
             if kind == "lookup table":
                 for q in pair:
                     q.poly_coeffs = None
             else:
-                tuning["fp16_levels"] = kind == "poly fp16"
+                tuning["fp16_levels"] = kind.endswith("fp16")
             r = time_fused(pair, 8, 32768, budget, True, **tuning)
             rows.append(dict(bits=bits, levels=kind, graph_us=r["graph_us"],
                              rel_err_vs_reference=r["rel_err_vs_reference"]))

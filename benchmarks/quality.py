@@ -8,7 +8,8 @@ code path (chunked prefill through the wrapped model's compressed cache, DESIGN.
 - perplexity change, KL divergence to FP16 and top-1 agreement on the held-out split of the
   bundled book (Debian ``cfi-en``) and on Python's help text (``pydoc``),
 - per-layer cosine similarity of the attention output (input of ``o_proj``) to FP16,
-- passkey retrieval at several context lengths and depths (greedy, after a chunked prefill),
+- passkey retrieval at several context lengths and depths (greedy, after a chunked prefill) and the
+  key's teacher-forced log-probability (a margin the pass/fail count hides),
 - greedy generation: tokens until the first divergence from FP16.
 
 Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, one line per method):
@@ -29,6 +30,7 @@ Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -60,20 +62,23 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 @dataclass(frozen=True)
 class Ablation:
     """One lever changed from the default SpectralQuant configuration at a budget of ``b`` bits:
-    ``dials`` for ``sq.wrap``, ``calibration`` options for ``sq.calibrate`` (recalibrates), and
-    ``key_shift`` bits moved from values to keys (keys ``b + shift``, values ``b - shift``)."""
+    ``dials`` for ``sq.wrap``, ``calibration`` options for ``sq.calibrate`` (recalibrates),
+    ``key_shift`` bits moved from values to keys (keys ``b + shift``, values ``b - shift``), or one
+    kind held at a fixed width (``key_bits`` / ``value_bits``; the other stays at ``b``)."""
 
     dials: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     key_shift: float = 0.0
+    key_bits: float | None = None
+    value_bits: float | None = None
 
     def wrap_options(self, bits: float) -> dict:
-        if self.key_shift:
+        if self.key_shift or self.key_bits is not None or self.value_bits is not None:
             # The sensitivity layer budget pools key and value bits, so a split only holds under a
             # uniform one (compare these rows with "uniform layer budget").
-            return dict(
-                self.dials, key_bits=bits + self.key_shift, value_bits=bits - self.key_shift, layer_budget="uniform"
-            )
+            keys = self.key_bits if self.key_bits is not None else bits + self.key_shift
+            values = self.value_bits if self.value_bits is not None else bits - self.key_shift
+            return dict(self.dials, key_bits=keys, value_bits=values, layer_budget="uniform")
         return dict(self.dials, bits=bits)
 
 
@@ -92,6 +97,9 @@ ABLATIONS: dict[str, Ablation] = {
     "uniform layer budget": Ablation(dict(layer_budget="uniform")),
     "keys +0.5 / values -0.5": Ablation(key_shift=0.5),
     "keys -0.5 / values +0.5": Ablation(key_shift=-0.5),
+    # Diagnostics, not levers (they spend more bytes): which side limits passkey retrieval.
+    "keys 8 bits (diagnostic)": Ablation(key_bits=8.0),
+    "values 8 bits (diagnostic)": Ablation(value_bits=8.0),
     "query-aware keys": Ablation(dict(key_attention_aware=True)),
     "output-aware values": Ablation(dict(value_attention_aware=True)),
     "window 0": Ablation(dict(window=0)),
@@ -126,11 +134,23 @@ def text_ids(tok, text: str, length: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy(model, ids: torch.Tensor, cache, new_tokens: int, chunk: int) -> list[int]:
-    """Greedy continuation of ``ids [1, T]`` after a chunked prefill through ``cache``."""
+def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Chunked prefill of ``ids [1, T]`` through ``cache``; returns the last position's logits ``[1, V]``."""
     last = None
     for logits in chunked_logits(model, ids, cache, chunk):
         last = logits[:, -1]
+    return last
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, cache, new_tokens: int, chunk: int) -> list[int]:
+    """Greedy continuation of ``ids [1, T]`` after a chunked prefill through ``cache``."""
+    return continue_greedy(model, prefill(model, ids, cache, chunk), cache, new_tokens)
+
+
+@torch.inference_mode()
+def continue_greedy(model, last: torch.Tensor, cache, new_tokens: int) -> list[int]:
+    """``new_tokens`` greedy tokens from the logits ``last [1, V]`` of a prefilled ``cache``."""
     out = []
     for _ in range(new_tokens):
         nxt = last.argmax(-1, keepdim=True)
@@ -150,18 +170,41 @@ def passkey_prompt(tok, length: int, depth: float, key: int) -> torch.Tensor:
     return text_ids(tok, text, len(tok(text, add_special_tokens=False).input_ids) + 1)
 
 
-def passkey_accuracy(model, tok, make_cache: Callable, lengths, depths, chunk: int) -> dict[str, float]:
-    """Fraction of (depth) trials per length whose greedy answer contains the key."""
+@torch.inference_mode()
+def answer_logprob(model, last: torch.Tensor, cache, answer: torch.Tensor) -> float:
+    """Teacher-forced log-probability (nats) of the tokens ``answer [1, A]`` after a prefilled
+    ``cache`` whose last logits are ``last [1, V]``."""
+    total = 0.0
+    for j in range(answer.shape[1]):
+        total += float(torch.log_softmax(last.float(), -1)[0, answer[0, j]])
+        last = model(input_ids=answer[:, j : j + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+    return total
+
+
+def passkey_accuracy(model, tok, make_cache: Callable, lengths, depths, chunk: int) -> dict[str, dict[str, float]]:
+    """Per length: ``accuracy``, the fraction of (depth) trials whose greedy answer contains the
+    key, and ``logprob``, the mean over trials of the key's teacher-forced log-probability (nats;
+    a margin that a pass/fail count hides). Both read one prefill per trial (the cache is copied)."""
     result = {}
     for length in lengths:
-        hits = 0
+        hits, logprob = 0, 0.0
         for i, depth in enumerate(depths):
             key = 10000 + (7919 * (i + 1) * length) % 90000
             ids = passkey_prompt(tok, length, depth, key)
-            answer = tok.decode(greedy(model, ids, make_cache(), 7, chunk))
+            cache = make_cache()
+            last = prefill(model, ids, cache, chunk)
+            snapshot = copy.deepcopy(cache)
+            answer = tok.decode(continue_greedy(model, last, cache, 7))
             hits += str(key) in answer.replace(" ", "")
-        result[str(length)] = hits / len(depths)
+            key_ids = tok(f" {key}", return_tensors="pt", add_special_tokens=False).input_ids
+            logprob += answer_logprob(model, last, snapshot, key_ids)
+        result[str(length)] = dict(accuracy=hits / len(depths), logprob=logprob / len(depths))
     return result
+
+
+def passkey_text(pk: dict | None) -> str:
+    """``length:accuracy (logprob)`` per length, for the printed table."""
+    return " ".join(f"{k}:{v['accuracy']:.2f} ({v['logprob']:+.2f})" for k, v in pk.items()) if pk else "-"
 
 
 @torch.inference_mode()
@@ -367,7 +410,7 @@ def main() -> None:
     ppl_book = reference_perplexity(book, ref_book)
     ppl_pydoc = reference_perplexity(pydoc, ref_pydoc) if pydoc is not None else None
     print(
-        f"{args.model}: FP16 ppl {ppl_book:.3f} on {args.tokens} tokens, passkey {fp16_passkey} "
+        f"{args.model}: FP16 ppl {ppl_book:.3f} on {args.tokens} tokens, passkey {passkey_text(fp16_passkey)} "
         f"({time.time() - t0:.0f}s)",
         flush=True,
     )
@@ -394,8 +437,7 @@ def main() -> None:
         run_passkey = not passkey_for or (meta["method"], f"{meta['bits']:g}") in passkey_for
         row = dict(meta, **measure(model, calibration, options, inputs, args, lengths if run_passkey else [], depths))
         rows.append(row)
-        pk = row["passkey"]
-        pk_text = " ".join(f"{k}:{v:.2f}" for k, v in pk.items()) if pk else "-"
+        pk_text = passkey_text(row["passkey"])
         pydoc_change = 100 * row["pydoc"]["ppl_change"] if row["pydoc"] else math.nan
         greedy_mean = sum(row["greedy_divergence"]) / len(row["greedy_divergence"])
         print(

@@ -23,7 +23,7 @@ from .stats import Spectrum
 
 ROTATIONS = ("spectral", "random", "hadamard", "identity")
 ALLOCATIONS = ("waterfill", "uniform")
-CODEBOOKS = ("gaussian", "poly", "fitted")
+CODEBOOKS = ("gaussian", "poly", "linear", "fitted")
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class QuantizerConfig:
     allocation: ``waterfill`` (by per-coordinate variance) or ``uniform``.
     codebook: ``gaussian`` (Lloyd-Max for a normal, scaled per coordinate), ``poly`` (levels on an
         odd quintic of the centred code index, optimal for a normal among those; fused kernels
-        compute them without a table lookup) or ``fitted`` (Lloyd fit to the calibration's
-        sample reservoir).
+        compute them without a table lookup), ``linear`` (evenly spaced levels, the optimal
+        uniform quantizer for a normal: a little more error than ``poly``, fewer operations per
+        code in the fused kernels) or ``fitted`` (Lloyd fit to the calibration's sample reservoir).
     mix_bands: after allocation, rotate each group of equal-width coordinates among themselves
         (randomized Hadamard for power-of-two group sizes, else random orthogonal): the group's
         coordinates become equal-variance and near-Gaussian while the allocation stays.
@@ -158,7 +159,7 @@ class Quantizer:
         self.unit_levels = unit_levels.float().contiguous()
         self.trace = trace.float()
         self.qjl_matrix = qjl_matrix.float() if qjl_matrix is not None else None
-        # [H, 9, 3] odd-quintic coefficients when unit_levels come from them (codebook "poly").
+        # [H, 9, 3] odd-polynomial coefficients when unit_levels come from them ("poly", "linear").
         self.poly_coeffs: torch.Tensor | None = None
         qjl = config.qjl_dims
         stream = self.widths if not qjl else torch.cat([self.widths, torch.ones(h, qjl, dtype=torch.int64)], -1)
@@ -216,8 +217,9 @@ class Quantizer:
         qjl = None
         if config.qjl_dims:
             qjl = torch.randn(h, config.qjl_dims, config.qjl_dims, generator=gen, dtype=torch.float64)
-        if config.codebook == "poly":
-            coeffs = torch.stack([gaussian_poly_coeffs(b) for b in range(MAX_BITS + 1)])
+        if config.codebook in ("poly", "linear"):
+            terms = 1 if config.codebook == "linear" else 3
+            coeffs = torch.stack([gaussian_poly_coeffs(b, terms) for b in range(MAX_BITS + 1)])
             units = _poly_unit_levels(coeffs, int(widths.max())).expand(h, -1, -1)
             quantizer = cls(basis, stats.mean, variances.sqrt(), widths, units, trace, config, qjl)
             quantizer.poly_coeffs = coeffs.float().expand(h, -1, -1).contiguous()

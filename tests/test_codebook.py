@@ -90,3 +90,16 @@ def test_polynomial_codebooks_are_ascending_and_close_to_lloyd_max(bits):
     # Measured: +0.1% (2 bits), +0.3% (3), +0.4% (4), +1.2% (5), +3.6% (6), +7.4% (7), +13% (8).
     allowed = {1: 0.02, 2: 0.02, 3: 0.02, 4: 0.025, 5: 0.04, 6: 0.07, 7: 0.11, 8: 0.17}[bits]
     assert mse <= gaussian_distortion(bits) * (1 + allowed)
+
+
+def test_linear_codebooks_are_the_optimal_uniform_quantizers():
+    from spectralquant.codebook import gaussian_poly_coeffs, poly_basis
+
+    # Max (1960), optimum uniform quantizer steps for a unit normal with 2 (2 sqrt(2/pi)), 4, 8 and 16 levels.
+    for bits, step in ((1, 1.5958), (2, 0.9957), (3, 0.5860), (4, 0.3352)):
+        coeffs = gaussian_poly_coeffs(bits, terms=1)
+        assert coeffs[1:].eq(0).all() and coeffs[0] == pytest.approx(step, abs=2e-4)
+        levels = poly_basis(bits) @ coeffs
+        assert torch.allclose(levels.diff(), torch.full((2**bits - 1,), float(coeffs[0]), dtype=torch.float64))
+    with pytest.raises(ValueError, match="terms"):
+        gaussian_poly_coeffs(3, terms=2)

@@ -46,6 +46,7 @@ CODEC_CASES = [
     dict(dim=32, bits=3),  # units straddle words
     dict(dim=64, bits=5, allocation="uniform"),  # 8 codes would need 40 bits: 4 codes per unit
     dict(dim=32, bits=2, codebook="fitted"),
+    dict(dim=32, bits=3, codebook="linear"),  # the kernels skip the cubic and quintic terms
     dict(dim=16, bits=2.5, scale=False, center=False),
 ]
 
@@ -97,6 +98,12 @@ def test_poly_tables_reproduce_the_unit_levels(bits):
     assert poly_tables(random_quantizer(1, 16, 2, codebook="gaussian")) is None
 
 
+def test_poly_terms_tell_linear_from_quintic_codebooks():
+    assert tables_of(random_quantizer(2, 16, 3, codebook="linear")).poly_terms == 1
+    assert tables_of(random_quantizer(2, 16, 3, codebook="poly")).poly_terms == 3
+    assert tables_of(random_quantizer(2, 16, 3, codebook="gaussian")).poly_terms == 0
+
+
 def test_decode_reads_the_plain_coordinate_order_layout_too():
     q = random_quantizer(2, 32, 4, seed=3)
     q.layout = RecordLayout(q.widths, permute=False)
@@ -109,6 +116,7 @@ ATTENTION_CASES = [
     dict(batch=1, heads=1, groups=4, queries=3, dim=64, compressed=40, window=0, sinks=0, key_bits=3, value_bits=2),
     dict(batch=3, heads=2, groups=1, queries=2, dim=16, compressed=0, window=7, sinks=3),
     dict(batch=2, heads=1, groups=2, queries=1, dim=32, compressed=33, window=3, sinks=4, key_bits=5, value_bits=2.5),
+    dict(batch=1, heads=2, groups=2, queries=1, dim=32, compressed=50, window=2, sinks=1, key_bits=3, codebook="linear"),
 ]
 
 
@@ -156,9 +164,10 @@ def test_splits_and_blocks_do_not_change_the_result():
     q, kv, mask = attention_inputs(ATTENTION_CASES[0], torch.float32, seed=5)
     ref = compressed_attention_reference(q, kv, mask)
     rows = kv.shape[0] * kv.key_quantizer.heads
+    # fill=0: the split count follows min_blocks alone, whatever the device's multiprocessor count.
     for block_t, min_blocks, splits in ((16, 1, 11), (32, 3, 2), (64, 4, 1)):
-        opts = dict(block_t=block_t, min_blocks=min_blocks, per_sm=64, fill=1)
-        assert _splits(kv.compressed_length, rows, block_t, q.device, min_blocks, 64, 1)[0] == splits
+        opts = dict(block_t=block_t, min_blocks=min_blocks, per_sm=64, fill=0)
+        assert _splits(kv.compressed_length, rows, block_t, q.device, min_blocks, 64, 0)[0] == splits
         got = compressed_attention_triton(q, kv, mask, num_warps=4, **opts)
         assert rel(got, ref) < 2e-3
 

@@ -56,12 +56,12 @@ def test_codec_matches_the_quantizer_on_many_vectors(dim, bits):
     assert rel(decoded, qg.decode(ref)) < 1e-5
 
 
-def ragged_case(dim, bits, batch=4, heads=8, groups=4, queries=1, compressed=3000, window=70, seed=0):
+def ragged_case(dim, bits, batch=4, heads=8, groups=4, queries=1, compressed=3000, window=70, seed=0, **config):
     from spectralquant.kernels.random_cache import random_compressed_kv
 
     kv = random_compressed_kv(
         batch, heads, dim, compressed, window, sinks=4, key_bits=bits[0], value_bits=bits[1],
-        dtype=torch.bfloat16, device="cuda", seed=seed,
+        dtype=torch.bfloat16, device="cuda", seed=seed, **config,
     )
     g = torch.Generator().manual_seed(seed)
     q = (2 * torch.randn(batch, heads * groups, queries, dim, generator=g)).to("cuda", torch.bfloat16)
@@ -99,6 +99,21 @@ def test_polynomial_levels_match_the_lookup_table(dim, bits):
     table = compressed_attention_triton(q, kv, mask)
     assert rel(poly[False], table) < 1e-4
     assert rel(poly[True], table) < 2e-3
+
+
+@pytest.mark.parametrize("dim,bits", [(128, (4, 4)), (64, (3, 2.5))], ids=str)
+def test_linear_codebook_levels_match_the_reference(dim, bits):
+    from spectralquant.kernels import compressed_attention_reference
+    from spectralquant.kernels.tables import tables_of
+    from spectralquant.kernels.triton_attention import compressed_attention_triton
+
+    q, kv, mask = ragged_case(dim, bits, seed=dim + 12, codebook="linear")
+    assert tables_of(kv.key_quantizer).poly_terms == 1 and tables_of(kv.value_quantizer).poly_terms == 1
+    ref = compressed_attention_reference(q, kv, mask)
+    poison()
+    got = compressed_attention_triton(q, kv, mask)
+    assert torch.isfinite(got).all()
+    assert rel(got, ref) < 1e-2
 
 
 @pytest.mark.parametrize("groups,queries", [(1, 1), (8, 16), (4, 16)])

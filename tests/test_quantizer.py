@@ -51,7 +51,7 @@ def test_waterfilling_beats_uniform_bits_in_the_eigenbasis():
 
 
 @pytest.mark.parametrize("rotation", ["spectral", "random", "hadamard", "identity"])
-@pytest.mark.parametrize("codebook", ["gaussian", "poly", "fitted"])
+@pytest.mark.parametrize("codebook", ["gaussian", "poly", "linear", "fitted"])
 def test_every_configuration_round_trips_with_bounded_error(rotation, codebook):
     x, stats = anisotropic(3_000, 2, 48, decades=1)
     stats.samples = x[:1000]

@@ -34,7 +34,9 @@ class KernelTables:
     ``[H, D]`` (stored order); ``levels16``/``levels32``/``bounds`` ``[H, L]`` with
     ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``mean [H, D]``,
     ``norm_ref [H]`` float32; ``basis_sigma16 [H, D, D]`` fp16 (``basis_p * sigma_p``, for the
-    attention's rotations); ``poly [H, 5, D]`` float32 for polynomial codebooks, else None.
+    attention's rotations); ``poly [H, 5, D]`` float32 for polynomial codebooks, else None;
+    ``poly_terms``: 0 without ``poly``, 1 if every cubic and quintic coefficient is 0 (linear
+    codebooks: kernels skip those terms), else 3.
     """
 
     heads: int
@@ -61,6 +63,7 @@ class KernelTables:
     mean: torch.Tensor
     norm_ref: torch.Tensor
     poly: torch.Tensor | None
+    poly_terms: int
 
     @property
     def table_size(self) -> int:
@@ -182,6 +185,7 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
         mean=quantizer.mean.to(device).float().contiguous(),
         norm_ref=torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt().to(device),
         poly=poly.to(device) if (poly := poly_tables(quantizer)) is not None else None,
+        poly_terms=0 if poly is None else 1 if not poly[:, 3:].any() else 3,
     )
 
 

@@ -419,7 +419,7 @@ def compressed_attention_triton(
         K_S=kt.slots, K_NU=kt.units, K_NW=kt.words, K_ALIGNED=kt.aligned, K_CROSSES=kt.crosses,
         V_S=vt.slots, V_NU=vt.units, V_NW=vt.words, V_ALIGNED=vt.aligned, V_CROSSES=vt.crosses,
         K_SCALED=kt.scaled, V_SCALED=vt.scaled, K_LOG=kt.log_scale, V_LOG=vt.log_scale,
-        K_IS_POLY=kt.poly is not None, V_IS_POLY=vt.poly is not None, F16=opts["fp16_levels"],
+        K_IS_POLY=kt.poly_terms, V_IS_POLY=vt.poly_terms, F16=opts["fp16_levels"],
         HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
         FENCE=query.is_cuda,

@@ -76,15 +76,18 @@ def unit_codes(lo, hi, unit_shift, slot_shift, slot_mask, ALIGNED: tl.constexpr,
 
 
 @triton.jit
-def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr):
-    """Unit levels of ``codes`` under polynomial codebooks (``tables`` module doc), in fp16 or
-    float32 as ``F16`` says; the coefficient tensors broadcast against ``codes`` and have that dtype.
-    The code becomes a float by OR-ing it into the mantissa of a power of two (no int conversion)."""
+def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr, TERMS: tl.constexpr):
+    """Unit levels of ``codes`` under polynomial codebooks (``tables`` module doc) of ``TERMS`` odd
+    terms (1: linear, 3: quintic), in fp16 or float32 as ``F16`` says; the coefficient tensors
+    broadcast against ``codes`` and have that dtype. The code becomes a float by OR-ing it into the
+    mantissa of a power of two (no int conversion)."""
     if F16:
         c = (codes | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
     else:
         c = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     y = c * s - h
+    if TERMS == 1:
+        return y * a1
     y2 = y * y
     return y * (a1 + y2 * (a3 + y2 * a5))
 
@@ -94,11 +97,13 @@ def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, s, h, a1, a3
                 S: tl.constexpr, ALIGNED: tl.constexpr, CROSSES: tl.constexpr, POLY: tl.constexpr,
                 F16: tl.constexpr):
     """Levels ``[R, NU * S]`` (stored order) of the records whose unit words are ``lo``/``hi``:
-    computed from the polynomial coefficients ``[NU, S]`` of :func:`load_poly` if ``POLY`` (fp16 if
-    ``F16``, else float32), else looked up in ``lut_ptr`` (the table's dtype)."""
+    computed from the polynomial coefficients ``[NU, S]`` of :func:`load_poly` if ``POLY`` (its
+    number of odd terms, ``KernelTables.poly_terms``; fp16 if ``F16``, else float32), else looked
+    up in ``lut_ptr`` (the table's dtype)."""
     codes = unit_codes(lo, hi, unit_shift, slot_shift, slot_mask, ALIGNED, CROSSES)
     if POLY:
-        levels = poly_levels(codes, s[None, :, :], h[None, :, :], a1[None, :, :], a3[None, :, :], a5[None, :, :], F16)
+        levels = poly_levels(codes, s[None, :, :], h[None, :, :], a1[None, :, :], a3[None, :, :], a5[None, :, :], F16,
+                             POLY)
     else:
         levels = tl.load(lut_ptr + (codes | (slot_mask + 1)[None, :, :]).to(tl.int32))
     return tl.reshape(levels, (lo.shape[0], NU * S))
@@ -260,6 +265,6 @@ def decode(quantizer: Quantizer, enc: Encoded) -> torch.Tensor:
         out, out.stride(0), out.stride(1), n,
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
         ALIGNED=tables.aligned, CROSSES=tables.crosses, SCALED=tables.scaled, LOG_SCALE=tables.log_scale,
-        IS_POLY=tables.poly is not None, BN=BLOCK_N, KC=min(CHUNK, tables.dim),
+        IS_POLY=tables.poly_terms, BN=BLOCK_N, KC=min(CHUNK, tables.dim),
     )
     return out.reshape(*lead, tables.heads, tables.dim)
