@@ -89,6 +89,7 @@ ABLATIONS: dict[str, Ablation] = {
     "random rotation, uniform bits": Ablation(dict(rotation="random", allocation="uniform")),
     "no band mixing": Ablation(dict(mix_bands=False)),
     "gaussian codebook (table)": Ablation(dict(codebook="gaussian")),
+    "linear codebook": Ablation(dict(codebook="linear")),
     "fitted codebook": Ablation(dict(codebook="fitted"), dict(samples_per_layer=4096)),
     "no mean-centering": Ablation(dict(center=False)),
     "no per-vector scale": Ablation(dict(scale=False)),

@@ -116,7 +116,8 @@ ATTENTION_CASES = [
     dict(batch=1, heads=1, groups=4, queries=3, dim=64, compressed=40, window=0, sinks=0, key_bits=3, value_bits=2),
     dict(batch=3, heads=2, groups=1, queries=2, dim=16, compressed=0, window=7, sinks=3),
     dict(batch=2, heads=1, groups=2, queries=1, dim=32, compressed=33, window=3, sinks=4, key_bits=5, value_bits=2.5),
-    dict(batch=1, heads=2, groups=2, queries=1, dim=32, compressed=50, window=2, sinks=1, key_bits=3, codebook="linear"),
+    dict(batch=1, heads=2, groups=2, queries=1, dim=32, compressed=50, window=2, sinks=1, key_bits=3,
+         codebook="linear"),
 ]
 
 
