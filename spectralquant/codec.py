@@ -40,11 +40,10 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
         if len(config.layer_bits) != n:
             raise ValueError(f"layer_bits lists {len(config.layer_bits)} layers but the model has {n}")
         return list(config.layer_bits)
-    if (
-        config.method != "spectralquant"
-        or config.layer_budget == "uniform"
-        or (config.layer_budget == "auto" and calibration.sensitivity is None)
-    ):
+    if config.method != "spectralquant":
+        return [(config.key.bits, config.value.bits)] * n
+    if config.layer_budget == "uniform" or (config.layer_budget == "auto" and calibration.sensitivity is None):
+        _warn_if_padded(config, sig.head_dims)
         return [(config.key.bits, config.value.bits)] * n
     if calibration.sensitivity is None:
         raise ValueError(
@@ -74,6 +73,22 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
         max_bits=hi,
     )
     return [(float(k), float(v)) for k, v in bits.tolist()]
+
+
+def _warn_if_padded(config: CompressionConfig, head_dims: list[int]) -> None:
+    """Warn where a uniform width leaves records part-empty: they are whole 32-bit words, so e.g.
+    2.25 bits at head_dim 64 (144 bits) hold the bytes of 2.5 bits (160)."""
+    for kind, quantizer in (("key", config.key), ("value", config.value)):
+        for d in sorted(set(head_dims)):
+            used = round(quantizer.bits * d) + quantizer.qjl_dims
+            padded = -(-used // 32) * 32
+            if used < padded:
+                warnings.warn(
+                    f"{kind}_bits={quantizer.bits:g} at head_dim {d} fills {used} of the {padded} bits of each "
+                    f"record (records are whole 32-bit words): {(padded - quantizer.qjl_dims) / d:g} bits cost the "
+                    "same bytes",
+                    stacklevel=4,
+                )
 
 
 def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[LayerCodec | None]:

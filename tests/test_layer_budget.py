@@ -1,6 +1,7 @@
 """Bit budgets across layers (spectralquant.layer_budget) and how build_codecs applies them."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -51,3 +52,16 @@ def test_a_key_value_split_warns_under_the_pooled_budget_and_holds_under_a_unifo
         pooled = layer_bits(calib, resolve_config("max", **split))
     assert pooled != layer_bits(calib, resolve_config("max", layer_budget="uniform", **split))
     assert layer_bits(calib, resolve_config("max", layer_budget="uniform", **split)) == [(3.0, 2.0)] * len(pooled)
+
+
+def test_a_uniform_width_that_leaves_records_part_empty_warns(tiny_calibrations):
+    calib = tiny_calibrations("llama")
+    d = calib.signature.head_dims[0]
+    snug = 32 / d * 3  # three 32-bit words per record
+    with pytest.warns(UserWarning, match=r"fills \d+ of the \d+ bits of each record"):
+        layer_bits(calib, resolve_config("max", layer_budget="uniform", bits=snug + 8 / d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layer_bits(calib, resolve_config("max", layer_budget="uniform", bits=snug)) == [(snug, snug)] * len(
+            calib.signature.head_dims
+        )
