@@ -11,6 +11,7 @@ from .baselines import baseline_codec
 from .calibration import Calibration
 from .config import CompressionConfig
 from .layer_budget import allocate_layer_bits
+from .packing import word_aligned
 from .quantizer import Quantizer
 
 
@@ -76,17 +77,17 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
 
 
 def _warn_if_padded(config: CompressionConfig, head_dims: list[int]) -> None:
-    """Warn where a uniform width leaves records part-empty: they are whole 32-bit words, so e.g.
-    2.25 bits at head_dim 64 (144 bits) hold the bytes of 2.5 bits (160)."""
+    """Warn where a uniform width leaves records part-empty: for power-of-two head dims they are
+    whole 32-bit words, so e.g. 2.25 bits at head_dim 64 (144 bits) take the bytes of 2.5 bits."""
     for kind, quantizer in (("key", config.key), ("value", config.value)):
-        for d in sorted(set(head_dims)):
+        for d in sorted({d for d in head_dims if word_aligned(d)}):
             used = round(quantizer.bits * d) + quantizer.qjl_dims
             padded = -(-used // 32) * 32
             if used < padded:
                 warnings.warn(
-                    f"{kind}_bits={quantizer.bits:g} at head_dim {d} fills {used} of the {padded} bits of each "
-                    f"record (records are whole 32-bit words): {(padded - quantizer.qjl_dims) / d:g} bits cost the "
-                    "same bytes",
+                    f"{kind}_bits={quantizer.bits:g} leaves at least {padded - used} bits of every record unused "
+                    f"(records of head_dim {d} are whole 32-bit words); "
+                    f"{(padded - quantizer.qjl_dims) / d:g} bits would take the same bytes",
                     stacklevel=4,
                 )
 

@@ -58,7 +58,7 @@ def test_a_uniform_width_that_leaves_records_part_empty_warns(tiny_calibrations)
     calib = tiny_calibrations("llama")
     d = calib.signature.head_dims[0]
     snug = 32 / d * 3  # three 32-bit words per record
-    with pytest.warns(UserWarning, match=r"fills \d+ of the \d+ bits of each record"):
+    with pytest.warns(UserWarning, match=r"leaves at least \d+ bits of every record unused"):
         layer_bits(calib, resolve_config("max", layer_budget="uniform", bits=snug + 8 / d))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
