@@ -15,15 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 from spectralquant.integrations.offline_models import load_offline_model
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from spectralquant.allocation import waterfill
 from spectralquant.codebook import MAX_BITS, gaussian_distortion
 from spectralquant.corpus import book_text
 from spectralquant.stats import participation_ratio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.pre_rope_keys import pre_rope_keys, rope, rotary  # noqa: E402
 
 SKIP = 16  # leading tokens left out (attention sinks are kept exact anyway)
 
@@ -47,27 +51,15 @@ def main() -> None:
         raise SystemExit(f"--bits must be in (0, {MAX_BITS}], got {args.bits}")
     model, tok = load_offline_model("smollm2")
     ids = tok(book_text("calibration"), return_tensors="pt").input_ids[:, : args.tokens]
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o))
-        for n, layer in enumerate(model.model.layers)
-    ]
-    try:
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    cfg = model.config
-    t, heads, dim = ids.shape[1], cfg.num_key_value_heads, cfg.head_dim
-    cos, sin = model.model.rotary_emb(torch.zeros(1, t, dim), torch.arange(t)[None])
+    cos, sin = rotary(model, ids.shape[1])
+    heads = model.config.num_key_value_heads
     rows = []
     print(f"{'layer':>5s} {'head':>4s} {'d_eff pre':>9s} {'post':>6s} {'dist pre':>9s} {'post':>7s} {'post/pre':>8s}")
-    for n in sorted(captured):
-        pre = captured[n].reshape(1, t, heads, dim).transpose(1, 2)  # [1, H, T, D]
-        post, _ = apply_rotary_pos_emb(pre, pre, cos, sin)
+    for n, pre in enumerate(pre_rope_keys(model, ids)):
+        post = rope(pre, cos, sin)
         for h in range(heads):
-            d_pre, x_pre = spectrum_figures(pre[0, h, SKIP:], args.bits)
-            d_post, x_post = spectrum_figures(post[0, h, SKIP:], args.bits)
+            d_pre, x_pre = spectrum_figures(pre[SKIP:, h], args.bits)
+            d_post, x_post = spectrum_figures(post[SKIP:, h], args.bits)
             rows.append(dict(layer=n, head=h, d_eff_pre=d_pre, d_eff_post=d_post, distortion_pre=x_pre,
                              distortion_post=x_post))
             print(f"{n:5d} {h:4d} {d_pre:9.1f} {d_post:6.1f} {x_pre:9.4f} {x_post:7.4f} {x_post / x_pre:8.2f}")
@@ -86,8 +78,8 @@ def main() -> None:
     )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(model="smollm2", bits=args.bits, tokens=t, skip=SKIP, summary=summary, rows=rows), f,
-                      indent=1)
+            result = dict(model="smollm2", bits=args.bits, tokens=ids.shape[1], skip=SKIP, summary=summary, rows=rows)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
 
 
 @torch.inference_mode()
-def calibrate(model, ids: torch.Tensor, bits: float) -> dict[str, list[Quantizer]]:
-    """Per arm, one key quantizer per layer from the keys of ``ids``."""
+def pre_rope_keys(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the pre-RoPE keys ``[T, H, D]`` (float32, ``k_proj`` outputs) of ``ids [1, T]``."""
     cfg = model.config
-    cos, sin = rotary(model, ids.shape[1])
     captured: dict[int, torch.Tensor] = {}
     hooks = [
         layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o))
@@ -67,10 +66,17 @@ def calibrate(model, ids: torch.Tensor, bits: float) -> dict[str, list[Quantizer
     finally:
         for h in hooks:
             h.remove()
+    shape = (ids.shape[1], cfg.num_key_value_heads, cfg.head_dim)
+    return [captured[n][0].reshape(shape).float() for n in sorted(captured)]
+
+
+def calibrate(model, ids: torch.Tensor, bits: float) -> dict[str, list[Quantizer]]:
+    """Per arm, one key quantizer per layer from the keys of ``ids``."""
+    cfg = model.config
+    cos, sin = rotary(model, ids.shape[1])
     config = QuantizerConfig(bits=bits)
     out: dict[str, list[Quantizer]] = {arm: [] for arm in ARMS}
-    for n in sorted(captured):
-        pre = captured[n][0].reshape(ids.shape[1], cfg.num_key_value_heads, cfg.head_dim).float()
+    for n, pre in enumerate(pre_rope_keys(model, ids)):
         for arm, keys in zip(ARMS, (pre, rope(pre, cos, sin))):
             acc = CovarianceAccumulator(cfg.num_key_value_heads, cfg.head_dim).update(keys[SINKS:])
             out[arm].append(Quantizer.from_stats(KVStats.from_accumulator(acc), config, seed_offset=n))
