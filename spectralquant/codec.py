@@ -11,7 +11,7 @@ from .baselines import baseline_codec
 from .calibration import Calibration
 from .config import CompressionConfig
 from .layer_budget import allocate_layer_bits
-from .packing import word_aligned
+from .packing import UNIT_BITS, word_aligned
 from .quantizer import Quantizer
 
 
@@ -82,7 +82,7 @@ def _warn_if_padded(config: CompressionConfig, head_dims: list[int]) -> None:
     for kind, quantizer in (("key", config.key), ("value", config.value)):
         for d in sorted({d for d in head_dims if word_aligned(d)}):
             used = round(quantizer.bits * d) + quantizer.qjl_dims
-            padded = -(-used // 32) * 32
+            padded = -(-used // UNIT_BITS) * UNIT_BITS
             if used < padded:
                 warnings.warn(
                     f"{kind}_bits={quantizer.bits:g} leaves at least {padded - used} bits of every record unused "

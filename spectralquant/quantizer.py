@@ -200,17 +200,17 @@ class Quantizer:
             basis = torch.stack([randomized_hadamard(d, gen) for _ in range(h)])
         else:
             basis = torch.eye(d, dtype=torch.float64).expand(h, d, d)
-        variances = torch.einsum("hji,hjk,hki->hi", basis, cov, basis).clamp_min(0)
+        variances = _axis_weights(basis, cov)
         weights = variances
         if config.attention_aware:
-            weights = variances * torch.einsum("hji,hjk,hki->hi", basis, importance.double(), basis).clamp_min(0)
+            weights = variances * _axis_weights(basis, importance.double())
         if config.allocation == "waterfill":
             widths = waterfill(weights, config.bits, config.min_bits, config.max_bits)
         else:
             widths = uniform_bits(d, config.bits, config.min_bits, config.max_bits).expand(h, d)
         if config.mix_bands:
             basis = basis @ _band_mixing(widths, gen)
-            variances = torch.einsum("hji,hjk,hki->hi", basis, cov, basis).clamp_min(0)
+            variances = _axis_weights(basis, cov)
         if config.isotropic:
             variances = (lam.sum(-1, keepdim=True) / d).expand(h, d)
         trace = lam.sum(-1)
@@ -415,6 +415,11 @@ def decode_scale(stored: torch.Tensor) -> torch.Tensor:
         return stored.float()
     value = torch.exp2((stored.float() - 128) / SCALE_STEPS_PER_OCTAVE)
     return torch.where(stored > 0, value, torch.zeros_like(value))
+
+
+def _axis_weights(basis: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``[H, D]``: the weight ``b_i^T M b_i >= 0`` of ``matrix [H, D, D]`` on each column ``b_i`` of ``basis``."""
+    return torch.einsum("hji,hjk,hki->hi", basis, matrix, basis).clamp_min(0)
 
 
 def _band_mixing(widths: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
