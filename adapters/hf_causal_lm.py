@@ -23,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 from spectralquant.calibration import Calibration, ModelSignature
 from spectralquant.calibration_builder import CalibrationBuilder
 from spectralquant.corpus import default_calibration_texts
+from spectralquant.rope import RopeTable, apply_rope
 
 from .base import STATE_ATTR, Adapter, WrapState, register_adapter
 from .hf_attention import attention_probabilities, capture_attention
@@ -73,6 +74,7 @@ class HFCausalLMAdapter(Adapter):
         attention_weighted: bool = True,
         position_copies: int = 2,
         max_position: int | None = None,
+        pre_rope_keys: bool = False,
         seed: int = 0,
         progress: bool = True,
     ) -> Calibration:
@@ -90,11 +92,22 @@ class HFCausalLMAdapter(Adapter):
         position ``p`` is the key at ``p + delta`` rotated back by ``delta``: each key is also
         added ``position_copies`` times, rotated by offsets drawn uniformly from
         ``[0, max_position - p)`` (default: the model's ``max_position_embeddings``).
+
+        ``pre_rope_keys`` measures keys before RoPE instead (RoPE taken off at each key's position),
+        whose statistics do not depend on position, so no copies are added; caches built from the
+        calibration then store keys before RoPE. The query moment that weights key errors
+        (``attention_aware``) is then measured on queries as a key ``delta`` positions back sees
+        them (RoPE at ``t - delta`` taken off the query at ``t``), ``max(position_copies, 1)`` times
+        with ``delta`` uniform in ``[0, max_position)``.
         """
         if token_ids is None:
             token_ids = tokenize_for_calibration(tokenizer, texts, seq_len, max_tokens)
         if token_ids.dim() != 2 or token_ids.shape[1] <= skip_first:
             raise ValueError(f"token_ids must be [N, L] with L > {skip_first}, got {tuple(token_ids.shape)}")
+        if pre_rope_keys and self.rope_table(0) is None:
+            raise ValueError(
+                f"pre_rope_keys=True needs a rotary embedding, and this {self.text_config.model_type} model has none"
+            )
         builder = CalibrationBuilder(self.signature(), samples_per_layer=samples_per_layer)
         device = next(self.model.parameters()).device
         bar = tqdm(total=token_ids.numel(), desc="calibrating", unit="tok", disable=not progress)
@@ -111,14 +124,25 @@ class HFCausalLMAdapter(Adapter):
                 )
                 mass = mass[:, :, s:]
                 weights = (1 + mass / mass.mean(-1, keepdim=True).clamp_min(1e-30)).transpose(1, 2)
-            builder.add(module.layer_idx, "key", key[:, :, s:].transpose(1, 2), weights)
-            builder.add(module.layer_idx, "value", value[:, :, s:].transpose(1, 2), weights)
+            layer = module.layer_idx
+            builder.add(layer, "value", value[:, :, s:].transpose(1, 2), weights)
             positions = torch.arange(s, key.shape[2])
-            for _ in range(position_copies if limit > key.shape[2] else 0):
-                delta = (torch.rand(positions.shape, generator=generator) * (limit - positions)).long()
-                moved = self.rotate_positions(module.layer_idx, key[:, :, s:], delta.to(key.device))
-                builder.add(module.layer_idx, "key", moved.transpose(1, 2), weights)
-            builder.add_query(module.layer_idx, query[:, :, s:].transpose(1, 2))
+            if pre_rope_keys:
+                table = self.rope_table(layer)
+                cos, sin = table(positions[None].to(key.device))
+                builder.add(layer, "key", apply_rope(key[:, :, s:], cos, sin, inverse=True).transpose(1, 2), weights)
+                for _ in range(max(position_copies, 1)):
+                    delta = (torch.rand(positions.shape, generator=generator) * limit).long()
+                    cos, sin = table((positions - delta)[None].to(key.device))
+                    seen = apply_rope(query[:, :, s:], cos, sin, inverse=True)
+                    builder.add_query(layer, seen.transpose(1, 2))
+            else:
+                builder.add(layer, "key", key[:, :, s:].transpose(1, 2), weights)
+                for _ in range(position_copies if limit > key.shape[2] else 0):
+                    delta = (torch.rand(positions.shape, generator=generator) * (limit - positions)).long()
+                    moved = self.rotate_positions(layer, key[:, :, s:], delta.to(key.device))
+                    builder.add(layer, "key", moved.transpose(1, 2), weights)
+                builder.add_query(layer, query[:, :, s:].transpose(1, 2))
             o_proj = getattr(module, "o_proj", None)
             if o_proj is not None and module.layer_idx not in builder.output_moments:
                 builder.set_output_projection(module.layer_idx, o_proj.weight)
@@ -136,23 +160,34 @@ class HFCausalLMAdapter(Adapter):
             "seq_len": int(token_ids.shape[1]),
             "attention_weighted": attention_weighted,
         }
-        return builder.build(info)
+        return builder.build(info, keys_pre_rope=pre_rope_keys)
+
+    def rope_table(self, layer: int) -> RopeTable | None:
+        """The model's rotary embedding for ``layer`` as a table (positions ``[B, T]`` to ``cos,
+        sin [B, T, R]`` in float32), or None if the model has none."""
+        rotary = getattr(self.model.get_decoder(), "rotary_emb", None)
+        if rotary is None:
+            return None
+        args = {}
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            args["layer_type"] = self.text_config.layer_types[layer]
+
+        def table(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return rotary(torch.empty(0, device=positions.device), positions, **args)
+
+        return table
+
+    def rope_tables(self) -> list[RopeTable | None]:
+        """:meth:`rope_table` of every layer."""
+        return [self.rope_table(i) for i in range(self.text_config.num_hidden_layers)]
 
     def rotate_positions(self, layer: int, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [B, H, T, D]`` moved ``delta [T]`` positions later: rotated by the
         model's own rotary embedding at those offsets (its attention scaling divided out, so this
         is a pure rotation; a partial rotary dimension rotates only the leading dims)."""
-        rotary = self.model.get_decoder().rotary_emb
-        args = {}
-        if "layer_type" in inspect.signature(rotary.forward).parameters:
-            args["layer_type"] = self.text_config.layer_types[layer]
-        cos, sin = rotary(keys, delta[None], **args)  # [1, T, R]
+        cos, sin = self.rope_table(layer)(delta[None])
         norm = (cos**2 + sin**2).sqrt().clamp_min(1e-12)
-        cos, sin = (cos / norm)[:, None].to(keys.dtype), (sin / norm)[:, None].to(keys.dtype)
-        r = cos.shape[-1]
-        rot, rest = keys[..., :r], keys[..., r:]
-        half = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], dim=-1)
-        return torch.cat([rot * cos + half * sin, rest], dim=-1)
+        return apply_rope(keys, cos / norm, sin / norm).to(keys.dtype)
 
     # ------------------------------------------------------------------------------- install
 

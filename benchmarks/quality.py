@@ -110,6 +110,8 @@ ABLATIONS: dict[str, Ablation] = {
     "no position copies": Ablation(calibration=dict(position_copies=0)),
     "calibration 2k tokens": Ablation(calibration=dict(max_tokens=2048)),
     "calibration 16k tokens": Ablation(calibration=dict(max_tokens=16384)),
+    "pre-RoPE keys": Ablation(calibration=dict(pre_rope_keys=True)),
+    "pre-RoPE query-aware keys": Ablation(dict(key_attention_aware=True), dict(pre_rope_keys=True)),
 }
 
 

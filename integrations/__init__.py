@@ -23,13 +23,13 @@ def make_cache_factory(
     if isinstance(adapter, HFCausalLMAdapter):
         from .hf_cache import SpectralQuantCache
 
-        windows = adapter.sliding_windows()
+        windows, ropes = adapter.sliding_windows(), adapter.rope_tables()
         attention = None
         if fused:
             from .fused_attention import register_fused
 
             attention = register_fused(base_implementation(adapter.model))
-        return (lambda: SpectralQuantCache(codecs, config, windows, fused=fused)), attention
+        return (lambda: SpectralQuantCache(codecs, config, windows, fused, ropes)), attention
     raise TypeError(f"no compressed cache is available for {adapter.family}")
 
 

@@ -9,6 +9,10 @@ directly. It then ages tokens beyond the window into records. Between calls noth
 scales, the window and sinks is held. Sliding-window layers keep only their window
 (``sliding_window - 1`` tokens), as transformers' own ``DynamicSlidingWindowLayer`` does, with
 the same mask sizes.
+
+A codec calibrated on keys before RoPE (``LayerCodec.keys_pre_rope``) needs the layer's rotary
+table: keys aging out of the window have RoPE taken off at their positions before encoding, and
+reads put it back on (see :class:`CompressedKV`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from spectralquant.codec import LayerCodec
 from spectralquant.compressed_kv import CompressedKV
 from spectralquant.config import CompressionConfig
 from spectralquant.kernels import encode
+from spectralquant.rope import RopeTable, apply_rope, cache_positions
 
 from .encoded_store import EncodedStore
 
@@ -32,7 +37,8 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 class CompressedLayer(CacheLayerMixin):
     """One layer's compressed cache. ``codec=None`` keeps every token in fp16 (an uncompressed
-    layer, still counted the same way)."""
+    layer, still counted the same way). ``rope``: the layer's rotary table, needed by codecs of
+    keys before RoPE."""
 
     is_compileable = False
     is_croppable = True
@@ -43,9 +49,16 @@ class CompressedLayer(CacheLayerMixin):
         config: CompressionConfig,
         sliding_window: int | None = None,
         fused: bool = False,
+        rope: RopeTable | None = None,
     ):
         super().__init__()
+        if codec is not None and codec.keys_pre_rope and rope is None:
+            raise ValueError(
+                "this codec stores keys before RoPE but the cache layer has no rotary table: "
+                "the model has no rotary embedding, so calibrate it with pre_rope_keys=False"
+            )
         self.codec = codec
+        self.rope = rope if codec is not None and codec.keys_pre_rope else None
         self.config = config
         self.fused = fused
         self.window = config.window
@@ -131,6 +144,11 @@ class CompressedLayer(CacheLayerMixin):
             return view, view
         return view.materialize(key_states.dtype)
 
+    @property
+    def history_first(self) -> int:
+        """Cache slot of the first kept key record (blocked-but-dropped ones included)."""
+        return self.cumulative_length - self.keys.shape[-2] - self.k_store.physical
+
     def snapshot(self) -> CompressedKV:
         """The layer's current contents as attention reads them."""
         return CompressedKV(
@@ -145,6 +163,8 @@ class CompressedLayer(CacheLayerMixin):
             self.sink_pos,
             self.k_store.skip,
             self.v_store.skip,
+            self.rope,
+            self.history_first,
         )
 
     def _sink_positions(self) -> torch.Tensor:
@@ -177,7 +197,11 @@ class CompressedLayer(CacheLayerMixin):
         if self.codec is not None and n_win >= self.window + self.chunk:
             block = max(self.codec.key.block, self.codec.value.block)
             move = (n_win - self.window) // block * block
-            self.k_store.append(encode(self.codec.key, self.keys[:, :, :move].transpose(1, 2)))
+            keys = self.keys[:, :, :move]
+            if self.rope is not None:
+                cos, sin = self.rope(cache_positions(self.cumulative_length - n_win, move, self.sink_pos))
+                keys = apply_rope(keys, cos, sin, inverse=True)
+            self.k_store.append(encode(self.codec.key, keys.transpose(1, 2)))
             self.v_store.append(encode(self.codec.value, self.values[:, :, :move].transpose(1, 2)))
             # (Triton encode on CUDA.) Copies, so the aged-out fp16 rows are really freed.
             self.keys = self.keys[:, :, move:].clone()
@@ -229,7 +253,7 @@ class CompressedLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def reset(self) -> None:
-        self.__init__(self.codec, self.config, self.sliding_window, self.fused)
+        self.__init__(self.codec, self.config, self.sliding_window, self.fused, self.rope)
 
     def offload(self):
         raise NotImplementedError("a SpectralQuant cache cannot be offloaded; it is already compressed")
@@ -296,7 +320,8 @@ class SpectralQuantCache(Cache):
     """A ``transformers`` Cache of :class:`CompressedLayer` s, one per decoder layer.
 
     ``codecs[i]`` compresses layer ``i`` (``None``: fp16); ``sliding_windows[i]`` is that layer's
-    attention window or ``None`` for full attention.
+    attention window or ``None`` for full attention; ``ropes[i]`` its rotary table (``None``
+    entries, or no list, for a model without RoPE), used by codecs of keys before RoPE.
     """
 
     def __init__(
@@ -305,10 +330,12 @@ class SpectralQuantCache(Cache):
         config: CompressionConfig,
         sliding_windows: list[int | None],
         fused: bool = False,
+        ropes: list[RopeTable | None] | None = None,
     ):
-        if len(codecs) != len(sliding_windows):
-            raise ValueError("one codec and one sliding-window entry per layer")
-        layers = [CompressedLayer(c, config, w, fused) for c, w in zip(codecs, sliding_windows)]
+        ropes = ropes if ropes is not None else [None] * len(codecs)
+        if not len(codecs) == len(sliding_windows) == len(ropes):
+            raise ValueError("one codec, one sliding-window entry and one rotary table per layer")
+        layers = [CompressedLayer(c, config, w, fused, r) for c, w, r in zip(codecs, sliding_windows, ropes)]
         super().__init__(layers=layers)
         self.config = config
         self.calibration_bytes = sum(c.nbytes() for c in codecs if c is not None)

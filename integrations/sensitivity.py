@@ -41,7 +41,7 @@ def measure_sensitivity(
     if not 0 < prefix < token_ids.shape[1]:
         raise ValueError(f"prefix must be inside the {token_ids.shape[1]}-token rows, got {prefix}")
     base = base or resolve_config("standard")
-    windows = adapter.sliding_windows()
+    windows, ropes = adapter.sliding_windows(), adapter.rope_tables()
     device = next(model.parameters()).device
     total = torch.zeros(n_layers, 2)
     bar = tqdm(total=2 * n_layers * token_ids.shape[0], desc="layer sensitivity", disable=not progress)
@@ -62,7 +62,7 @@ def measure_sensitivity(
                 bits[layer] = (probe_bits, 8.0) if kind == 0 else (8.0, probe_bits)
                 others = tuple(i for i in range(n_layers) if i != layer)
                 config = resolve_config(base, layer_budget="uniform", layer_bits=tuple(bits), fp16_layers=others)
-                cache = SpectralQuantCache(build_codecs(calibration, config), config, windows)
+                cache = SpectralQuantCache(build_codecs(calibration, config), config, windows, ropes=ropes)
                 for i in range(n_layers):
                     cache.update(*captured[i], i)
                 logits = model(input_ids=ids[:, prefix:], past_key_values=cache, use_cache=True).logits

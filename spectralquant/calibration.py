@@ -5,8 +5,9 @@ File format (version 1): a safetensors file whose tensors are
 ``layers.{l}.{kind}.{mean|eigenvalues|eigenvectors}`` (float32; ``kind`` in ``key``/``value``),
 optional ``layers.{l}.query.moment`` and ``layers.{l}.{kind}.samples``, and whose string metadata
 holds ``format``, ``format_version``, ``signature`` (JSON), ``counts`` (JSON), ``info`` (JSON) and
-``sha256`` of all tensor bytes; an optional ``sensitivity [L, 2]`` tensor holds measured per-layer
-costs. Loading validates all of it.
+``sha256`` of all tensor bytes, and ``keys_pre_rope`` (``"1"`` when key statistics were measured
+before RoPE; absent in older files, which are post-RoPE); an optional ``sensitivity [L, 2]``
+tensor holds measured per-layer costs. Loading validates all of it.
 """
 
 from __future__ import annotations
@@ -142,12 +143,15 @@ class LayerCalibration:
 @dataclass
 class Calibration:
     """Per-layer statistics for a model with the given signature, plus free-form ``info`` (corpus,
-    token count, ...) that is saved alongside."""
+    token count, ...) that is saved alongside. ``keys_pre_rope``: key statistics (and the query
+    moments that weight them) were measured before RoPE, so caches built from this calibration
+    store keys before RoPE."""
 
     signature: ModelSignature
     layers: list[LayerCalibration]
     info: dict = field(default_factory=dict)
     sensitivity: torch.Tensor | None = None  # [L, 2]: KL cost of compressing each layer's keys / values
+    keys_pre_rope: bool = False
 
     def __post_init__(self):
         if self.sensitivity is not None:
@@ -220,6 +224,7 @@ class Calibration:
             "counts": json.dumps(counts),
             "info": json.dumps(self.info, default=str),
             "sha256": _digest(tensors),
+            "keys_pre_rope": "1" if self.keys_pre_rope else "0",
         }
         save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -251,7 +256,10 @@ class Calibration:
             counts = json.loads(metadata["counts"])
             info = json.loads(metadata.get("info", "{}"))
             layers = [_read_layer(tensors, i, counts[i]) for i in range(signature.num_layers)]
-            calib = cls(signature, layers, info, tensors.get("sensitivity"))
+            pre_rope = metadata.get("keys_pre_rope", "0")
+            if pre_rope not in ("0", "1"):
+                raise ValueError(f"{path!r} has keys_pre_rope={pre_rope!r}; expected '0' or '1'")
+            calib = cls(signature, layers, info, tensors.get("sensitivity"), pre_rope == "1")
         except (KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path!r} is missing or has malformed calibration entries: {exc!r}") from exc
         _validate(calib, path)

@@ -90,8 +90,9 @@ class CalibrationBuilder:
         w = weight.detach().to("cpu", torch.float64).reshape(weight.shape[0], h, -1, d)
         self.output_moments[layer] = torch.einsum("ohgi,ohgj->hij", w, w) / w.shape[2]
 
-    def build(self, info: dict | None = None) -> Calibration:
-        """The finished calibration; raises ``ValueError`` if some layer saw no data."""
+    def build(self, info: dict | None = None, keys_pre_rope: bool = False) -> Calibration:
+        """The finished calibration (``keys_pre_rope``: the keys added were taken before RoPE);
+        raises ``ValueError`` if some layer saw no data."""
         layers = []
         for i in range(self.signature.num_layers):
             kinds = {}
@@ -107,4 +108,4 @@ class CalibrationBuilder:
             self.signature.num_layers, self.signature.kv_heads, self.signature.head_dims, captured,
             self.signature.model_type, self.signature.name,
         )
-        return Calibration(sig, layers, dict(info or {}))
+        return Calibration(sig, layers, dict(info or {}), keys_pre_rope=keys_pre_rope)

@@ -17,13 +17,15 @@ from .quantizer import Quantizer
 
 @dataclass
 class LayerCodec:
-    """The key and value quantizers of one layer."""
+    """The key and value quantizers of one layer; ``keys_pre_rope``: the key quantizer encodes
+    keys before RoPE (the cache takes RoPE off before encoding and puts it back after decoding)."""
 
     key: Quantizer  # or a baseline codec with the same encode/decode contract
     value: Quantizer
+    keys_pre_rope: bool = False
 
     def to(self, device: torch.device | str) -> LayerCodec:
-        return LayerCodec(self.key.to(device), self.value.to(device))
+        return LayerCodec(self.key.to(device), self.value.to(device), self.keys_pre_rope)
 
     def nbytes(self) -> int:
         return self.key.nbytes() + self.value.nbytes()
@@ -93,7 +95,8 @@ def _warn_if_padded(config: CompressionConfig, head_dims: list[int]) -> None:
 
 
 def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[LayerCodec | None]:
-    """One codec per layer (``None`` for layers listed in ``config.fp16_layers``)."""
+    """One codec per layer (``None`` for layers listed in ``config.fp16_layers``), encoding keys in
+    the calibration's domain (before RoPE if it was measured there, baselines included)."""
     n = calibration.signature.num_layers
     bad = [i for i in config.fp16_layers if not 0 <= i < n]
     if bad:
@@ -108,6 +111,7 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
                 LayerCodec(
                     baseline_codec(config.method, "key", layer.key, kb, seed=2 * i),
                     baseline_codec(config.method, "value", layer.value, vb, seed=2 * i + 1),
+                    calibration.keys_pre_rope,
                 )
             )
             continue
@@ -121,5 +125,5 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
                     "recalibrate with this version's sq.calibrate, or set attention_aware=False"
                 )
             pair.append(Quantizer.from_stats(getattr(layer, kind), cfg.with_(bits=bits), 2 * i + j, importance))
-        codecs.append(LayerCodec(*pair))
+        codecs.append(LayerCodec(*pair, calibration.keys_pre_rope))
     return codecs

@@ -165,3 +165,27 @@ def test_generation_with_fused_kernels_matches_the_reference_path(family, tiny_c
         if until < steps[0].shape[0]:
             top2 = want[until].topk(2).values
             assert float(top2[0] - top2[1]) < 2e-2 * scale, f"row {row} diverged at step {until} without a near-tie"
+
+
+def test_keys_before_rope_fall_back_to_the_reference_on_cuda():
+    """A cache of keys before RoPE (which the kernel cannot read) gives the reference's attention
+    on CUDA, and generation with it matches the unfused path."""
+    from conftest import tiny_model
+    from spectralquant.adapters import find_adapter
+
+    import spectralquant as sq
+    from spectralquant.kernels import compressed_attention, compressed_attention_reference
+
+    model = tiny_model("llama").cuda()
+    x = torch.randint(2, 96, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    calib = sq.calibrate(model, token_ids=x.cpu(), sensitivity=False, progress=False, pre_rope_keys=True)
+    outs = []
+    for fused in (True, False):
+        sq.wrap(model, calib, window=8, chunk=4, sinks=2, fused=fused)
+        outs.append(model.generate(x, max_new_tokens=16, do_sample=False))
+        view = find_adapter(model).state().last_cache.layers[0].snapshot()
+        sq.unwrap(model)
+    assert view.key_rope is not None and view.compressed_length > 0
+    q = torch.randn(2, 4, 1, 16, device="cuda")
+    assert torch.equal(compressed_attention(q, view), compressed_attention_reference(q, view))
+    assert torch.equal(outs[0], outs[1])

@@ -305,6 +305,8 @@ def attention_unsupported_reason(query: torch.Tensor, kv: CompressedKV) -> str |
             return reason
     if kv.key_skip or kv.value_skip:
         return "the history starts inside a block of a block codec"
+    if kv.key_rope is not None:
+        return "keys are stored before RoPE (the kernel does not apply RoPE per key)"
     b, hq, lq, d = query.shape
     h = kv.key_quantizer.heads
     if hq % h:

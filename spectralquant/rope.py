@@ -1,0 +1,45 @@
+"""Rotary position embedding (RoPE) put onto and taken off keys, for caches that quantize keys
+before RoPE (their distribution does not depend on position, and their spectrum is more
+concentrated) and apply it again when attention reads them.
+
+A model's rotary embedding is given as a :data:`RopeTable`: positions ``[B, T]`` to ``cos, sin``
+``[B, T, R]`` in the ``rotate_half`` convention of Hugging Face models (coordinate ``j < R/2``
+pairs with ``j + R/2``; ``R <= D``, a partial rotary dimension leaves the trailing ``D - R``
+coordinates alone). ``cos`` and ``sin`` may carry an attention scaling (``cos^2 + sin^2 != 1``);
+removing RoPE divides it out, so the two are exact inverses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+RopeTable = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE of ``x [B, H, T, D]`` at the positions ``cos, sin [B, T, R]`` stand for (``inverse``:
+    take it off). Computed in float32; returns float32."""
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[-1] > x.shape[-1] or cos.shape[-1] % 2:
+        raise ValueError(
+            f"cos/sin must both be [B, T, R] with an even R <= head_dim {x.shape[-1]}, "
+            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    x = x.float()
+    r = cos.shape[-1]
+    cos, sin = cos[:, None].float(), sin[:, None].float()
+    if inverse:
+        norm = cos**2 + sin**2
+        cos, sin = cos / norm, -sin / norm
+    rot = x[..., :r]
+    half = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], dim=-1)
+    return torch.cat([rot * cos + half * sin, x[..., r:]], dim=-1)
+
+
+def cache_positions(first: int, length: int, pad: torch.Tensor) -> torch.Tensor:
+    """Positions ``[B, length]`` of cache slots ``first .. first + length - 1`` in rows whose real
+    tokens start after ``pad [B]`` left-padding slots (as ``generate`` numbers them; padding slots,
+    which attention masks out, get position 0)."""
+    slots = torch.arange(first, first + length, device=pad.device)
+    return (slots[None] - pad[:, None]).clamp_min(0)
