@@ -23,10 +23,14 @@ from transformers import DynamicCache, PreTrainedModel
 from spectralquant.calibration import Calibration, ModelSignature
 from spectralquant.calibration_builder import CalibrationBuilder
 from spectralquant.corpus import default_calibration_texts
-from spectralquant.rope import RopeTable, apply_rope
+from spectralquant.rope import LinearRope, RopeTable, apply_rope
 
 from .base import STATE_ATTR, Adapter, WrapState, register_adapter
 from .hf_attention import attention_probabilities, capture_attention
+
+
+# RoPE types whose inverse frequencies are fixed at load time (dynamic ones update them per forward).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @register_adapter
@@ -164,13 +168,20 @@ class HFCausalLMAdapter(Adapter):
 
     def rope_table(self, layer: int) -> RopeTable | None:
         """The model's rotary embedding for ``layer`` as a table (positions ``[B, T]`` to ``cos,
-        sin [B, T, R]`` in float32), or None if the model has none."""
+        sin [B, T, R]`` in float32), or None if the model has none: a :class:`LinearRope` for
+        RoPE types whose frequencies never change (the fused kernel can apply those), else the
+        model's own rotary module."""
         rotary = getattr(self.model.get_decoder(), "rotary_emb", None)
         if rotary is None:
             return None
-        args = {}
+        args, prefix, rope_type = {}, "", getattr(rotary, "rope_type", None)
         if "layer_type" in inspect.signature(rotary.forward).parameters:
             args["layer_type"] = self.text_config.layer_types[layer]
+            prefix = f"{args['layer_type']}_"
+            rope_type = rope_type.get(args["layer_type"]) if isinstance(rope_type, dict) else rope_type
+        inv_freq = getattr(rotary, prefix + "inv_freq", None)
+        if rope_type in STATIC_ROPE_TYPES and isinstance(inv_freq, torch.Tensor):
+            return LinearRope(inv_freq, float(getattr(rotary, prefix + "attention_scaling", 1.0)))
 
         def table(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return rotary(torch.empty(0, device=positions.device), positions, **args)

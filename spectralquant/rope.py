@@ -12,10 +12,31 @@ removing RoPE divides it out, so the two are exact inverses.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 RopeTable = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LinearRope:
+    """A :data:`RopeTable` whose angles are linear in position, ``p * inv_freq [R/2]``, with cos and
+    sin multiplied by ``scaling`` (default, linear, Llama 3 and YaRN RoPE: computed as transformers
+    computes them). The fused attention kernel evaluates this form itself."""
+
+    inv_freq: torch.Tensor
+    scaling: float = 1.0
+
+    def __post_init__(self):
+        self.inv_freq = self.inv_freq.detach().float()
+        if self.inv_freq.dim() != 1:
+            raise ValueError(f"inv_freq must be [R/2], got {tuple(self.inv_freq.shape)}")
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

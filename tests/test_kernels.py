@@ -6,6 +6,7 @@ the kernel modules are imported); with one, these run on it. Large-shape GPU che
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,10 +19,15 @@ pytest.importorskip("triton")
 from spectralquant.kernels import compressed_attention, compressed_attention_reference  # noqa: E402
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer  # noqa: E402
 from spectralquant.kernels.tables import poly_tables, tables_of, unsupported_reason  # noqa: E402
-from spectralquant.kernels.triton_attention import _splits, compressed_attention_triton  # noqa: E402
+from spectralquant.kernels.triton_attention import (  # noqa: E402
+    _splits,
+    attention_unsupported_reason,
+    compressed_attention_triton,
+)
 from spectralquant.kernels.triton_codec import decode, encode  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
 from spectralquant.quantizer import Encoded  # noqa: E402
+from spectralquant.rope import LinearRope  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -217,3 +223,24 @@ def test_dispatcher_falls_back_to_the_reference_where_the_kernel_does_not_apply(
     kv.key_quantizer = qjl.to(DEVICE)
     with pytest.raises(ValueError, match="use compressed_attention"):
         compressed_attention_triton(q, kv, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_keys_before_rope_match_the_reference(dtype):
+    """History keys stored before RoPE, rotated in the kernel at their positions (left padding and a
+    history that starts past slot 0 included), as the reference rotates them."""
+    case = dict(ATTENTION_CASES[0], dim=64)
+    q, kv, mask = attention_inputs(case, dtype, seed=4)
+    kv.key_rope = LinearRope(1.0 / 500.0 ** (torch.arange(0, 64, 2) / 64), scaling=1.1)
+    kv.key_first = 300
+    assert attention_unsupported_reason(q, kv) is None
+    plain = compressed_attention_reference(q, replace(kv, key_rope=None), mask)
+    for m, softcap in ((mask, None), (None, 20.0)):
+        ref = compressed_attention_reference(q, kv, m, softcap=softcap)
+        got = compressed_attention_triton(q, kv, m, softcap=softcap, block_t=16)
+        assert rel(got, ref) < 2e-3
+    assert rel(plain, ref) > 0.05  # RoPE changed the result: the test can tell
+    kv.key_rope = lambda positions: LinearRope(torch.ones(32))(positions)
+    assert "frequencies change" in attention_unsupported_reason(q, kv)
+    kv.key_rope = LinearRope(torch.ones(16))
+    assert "partial rotary" in attention_unsupported_reason(q, kv)

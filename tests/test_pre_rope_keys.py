@@ -17,7 +17,7 @@ from spectralquant.codec import build_codecs
 from spectralquant.config import CompressionConfig
 from spectralquant.metrics import kl_divergence
 from spectralquant.quantizer import Encoded
-from spectralquant.rope import apply_rope, cache_positions
+from spectralquant.rope import LinearRope, apply_rope, cache_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -182,3 +182,18 @@ def test_fused_kernel_declines_keys_before_rope(pre_rope_calibrations):
     assert attention_unsupported_reason(torch.zeros(1, 4, 1, 16), view) == (
         "keys are stored before RoPE (the kernel does not apply RoPE per key)"
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_tables_are_the_models_own(family):
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    rotary = model.get_decoder().rotary_emb
+    positions = torch.tensor([[0, 1, 7, 500, 1023]])
+    for layer in range(4):
+        table = adapter.rope_table(layer)
+        assert isinstance(table, LinearRope)
+        args = {"layer_type": model.config.layer_types[layer]} if family == "gemma3" else {}
+        want = rotary(torch.empty(0), positions, **args)
+        for got, ref in zip(table(positions), want):
+            assert torch.equal(got, ref)

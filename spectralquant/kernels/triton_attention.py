@@ -16,8 +16,14 @@ Reference: :func:`~spectralquant.kernels.reference.compressed_attention_referenc
 2. ``_combine_kernel``, grid ``(H, B, D / 32)``: merges the normalized partial outputs of all
    splits in one online-softmax pass, for 32 output coordinates per program.
 
+Keys stored before RoPE (``kv.key_rope``, a :class:`~spectralquant.rope.LinearRope`) cannot use
+the rotated query: RoPE turns each key by its own position. The history program then decodes each
+block's keys into the natural basis (a tensor-core product with the transposed basis, per RoPE
+half), applies RoPE at the keys' positions and dots them with the query.
+
 Limits (the dispatcher falls back to the reference outside them): quantizers the kernels
-support (:func:`~spectralquant.kernels.tables.unsupported_reason`), ``G * Lq <= 128``.
+support (:func:`~spectralquant.kernels.tables.unsupported_reason`), ``G * Lq <= 128``; keys before
+RoPE only with a full rotary dimension, head_dim >= 32 and fixed frequencies.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..compressed_kv import CompressedKV
+from ..rope import LinearRope
 from .tables import KernelTables, tables_of, unsupported_reason
 from .triton_codec import load_poly, load_slot_tables, load_units, stored_to_scale, unit_levels
 
@@ -107,20 +114,40 @@ def _load_block(k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t_ok, k_uw, v
 
 
 @triton.jit
+def _rope_scores(uk, ksc, t, q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0):
+    """Scores ``[M, BT]`` of keys stored before RoPE: each key is decoded into its two RoPE halves
+    (``x = scale * (basis * sigma) u + mean``), rotated at its position ``t + pos0`` (angles
+    ``position * inv_freq`` in float32, as transformers computes them) and dotted with the query
+    halves ``q1, q2`` (``qk_scale`` applied)."""
+    x1 = tl.dot(uk, kb1) * ksc[:, None] + km1[None, :]
+    x2 = tl.dot(uk, kb2) * ksc[:, None] + km2[None, :]
+    angle = tl.maximum(t + pos0, 0).to(tl.float32)[:, None] * inv_freq[None, :]
+    c = tl.cos(angle) * rope_scale
+    sn = tl.sin(angle) * rope_scale
+    y1 = (x1 * c - x2 * sn).to(tl.float16)
+    y2 = (x2 * c + x1 * sn).to(tl.float16)
+    return tl.dot(q1, tl.trans(y1)) + tl.dot(q2, tl.trans(y2))
+
+
+@triton.jit
 def _attend_block(
     qs, qm, m_i, l_i, acc, t, t_ok, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
     k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5,
     v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_s, v_h, v_a1, v_a3, v_a5,
+    q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0,
     K_NU: tl.constexpr, K_S: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr, K_POLY: tl.constexpr,
     V_NU: tl.constexpr, V_S: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr, V_POLY: tl.constexpr,
-    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, FENCE: tl.constexpr,
+    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, FENCE: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One online-softmax step over a block of compressed tokens ``t``: returns ``m_i, l_i, acc``."""
     uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5, K_NU, K_S, K_ALIGNED,
                      K_CROSSES, K_POLY, F16)
     uk = _layout_fence(uk.to(tl.float16), FENCE)
-    s = tl.dot(qs, tl.trans(uk)) * ksc[None, :]
-    s = _finish_scores(s + qm[:, None], SOFTCAP, softcap)
+    if ROPE:
+        s = _rope_scores(uk, ksc, t, q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0)
+    else:
+        s = tl.dot(qs, tl.trans(uk)) * ksc[None, :] + qm[:, None]
+    s = _finish_scores(s, SOFTCAP, softcap)
     not_sink = (t < sink_lo) | (t >= sink_lo + n_sinks)
     ok = _mask_cols(MASK, smb, sml, smt, b, l, t, t_ok & not_sink, row_ok, HAS_MASK)
     m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
@@ -143,6 +170,7 @@ def _split_kernel(
     V_UW, V_USH, V_SSH, V_SMASK, V_LUT, V_POLY,
     V_BASIS, V_MEAN, PO, PM, PL,
     n_compressed, n_window, n_sinks, n_splits, split_len, qk_scale, softcap,
+    ROPE_F, rope_scale, key_first,
     K_LUTN: tl.constexpr, V_LUTN: tl.constexpr,
     G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     K_S: tl.constexpr, K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
@@ -151,7 +179,7 @@ def _split_kernel(
     K_IS_POLY: tl.constexpr, V_IS_POLY: tl.constexpr, F16: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
-    FENCE: tl.constexpr,
+    FENCE: tl.constexpr, ROPE: tl.constexpr,
 ):
     split = tl.program_id(0)
     h = tl.program_id(1)
@@ -169,17 +197,33 @@ def _split_kernel(
     l_i = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, D), tl.float32)
     if split < n_splits:
-        # Query rotated into the key basis (stored order) and scaled by sigma (K_BASIS holds
-        # basis * sigma in fp16); q.mean separately.
-        qs = tl.zeros((M, D), tl.float32)
-        qm = tl.zeros((M,), tl.float32)
-        for k0 in tl.static_range(0, D, KC):
-            k = k0 + tl.arange(0, KC)
-            qc = tl.load(q_rows[:, None] + k[None, :], mask=row_ok[:, None], other=0.0)
-            qs += tl.dot(qc.to(tl.float16), tl.load(K_BASIS + h * D * D + k[:, None] * D + d[None, :]))
-            qm += tl.sum(qc.to(tl.float32) * tl.load(K_MEAN + h * D + k)[None, :], 1)
-        qs = (qs * qk_scale).to(tl.float16)
-        qm = qm * qk_scale
+        if ROPE:
+            # Keys stored before RoPE: the query stays in the natural basis, split into its RoPE
+            # halves, and each block's keys are decoded into those halves (basis * sigma, transposed).
+            hd = tl.arange(0, D // 2)
+            q1 = tl.load(q_rows[:, None] + hd[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q2 = tl.load(q_rows[:, None] + (D // 2 + hd)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q1, q2 = (q1 * qk_scale).to(tl.float16), (q2 * qk_scale).to(tl.float16)
+            kb1 = tl.load(K_BASIS + h * D * D + hd[None, :] * D + d[:, None])  # [D stored, D/2 natural]
+            kb2 = tl.load(K_BASIS + h * D * D + (D // 2 + hd)[None, :] * D + d[:, None])
+            km1 = tl.load(K_MEAN + h * D + hd)
+            km2 = tl.load(K_MEAN + h * D + D // 2 + hd)
+            inv_freq = tl.load(ROPE_F + hd)
+            qs, qm = q1, km1  # unused
+        else:
+            # Query rotated into the key basis (stored order) and scaled by sigma (K_BASIS holds
+            # basis * sigma in fp16); q.mean separately.
+            qs = tl.zeros((M, D), tl.float32)
+            qm = tl.zeros((M,), tl.float32)
+            for k0 in tl.static_range(0, D, KC):
+                k = k0 + tl.arange(0, KC)
+                qc = tl.load(q_rows[:, None] + k[None, :], mask=row_ok[:, None], other=0.0)
+                qs += tl.dot(qc.to(tl.float16), tl.load(K_BASIS + h * D * D + k[:, None] * D + d[None, :]))
+                qm += tl.sum(qc.to(tl.float32) * tl.load(K_MEAN + h * D + k)[None, :], 1)
+            qs = (qs * qk_scale).to(tl.float16)
+            qm = qm * qk_scale
+            q1, q2, kb1, kb2, km1, km2, inv_freq = qs, qs, qs, qs, qm, qm, qm  # unused
+        pos0 = key_first - sink_lo
         k_uw, k_ush, k_ssh, k_smask = load_slot_tables(
             K_UW + h * K_NU, K_USH + h * K_NU, K_SSH + h * D, K_SMASK + h * D, K_NU, K_S
         )
@@ -214,8 +258,9 @@ def _split_kernel(
                 qs, qm, m_i, l_i, acc, t, t < end, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
                 k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_ps, k_ph, k_a1, k_a3, k_a5,
                 v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
+                q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0,
                 K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
-                F16, HAS_MASK, SOFTCAP, FENCE,
+                F16, HAS_MASK, SOFTCAP, FENCE, ROPE,
             )
             k_lo, k_hi, v_lo, v_hi, ksc, vsc = k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n
     else:
@@ -305,9 +350,12 @@ def attention_unsupported_reason(query: torch.Tensor, kv: CompressedKV) -> str |
             return reason
     if kv.key_skip or kv.value_skip:
         return "the history starts inside a block of a block codec"
-    if kv.key_rope is not None:
-        return "keys are stored before RoPE (the kernel does not apply RoPE per key)"
     b, hq, lq, d = query.shape
+    if kv.key_rope is not None:
+        if not isinstance(kv.key_rope, LinearRope):
+            return "keys are stored before RoPE with a RoPE whose frequencies change with length"
+        if 2 * kv.key_rope.inv_freq.numel() != d or d < 32:
+            return "keys are stored before RoPE with a partial rotary dimension or a head_dim below 32"
     h = kv.key_quantizer.heads
     if hq % h:
         return f"{hq} query heads cannot share {h} KV heads"
@@ -402,6 +450,8 @@ def compressed_attention_triton(
     pl = torch.empty_like(pm)
     out = torch.empty_like(query)
     kc = min(CHUNK, d)
+    rope = kv.key_rope
+    rope_freq = rope.inv_freq.to(query.device) if rope is not None else pm
     maxnreg = opts["maxnreg"]
     if isinstance(maxnreg, tuple):
         maxnreg = maxnreg[kt.crosses or vt.crosses]
@@ -416,6 +466,7 @@ def compressed_attention_triton(
         kt.mean, vt.unit_word, vt.unit_shift, vt.slot_shift, vt.slot_mask, vt.levels16, _poly_arg(vt),
         vt.basis_sigma16, vt.mean, po, pm, pl,
         tc, n_window, n_sinks, n_splits, split_len, qk_scale, softcap if softcap is not None else 1.0,
+        rope_freq, rope.scaling if rope is not None else 1.0, kv.key_first,
         K_LUTN=kt.table_size, V_LUTN=vt.table_size,
         G=g, LQ=lq, M=m_rows, D=d,
         K_S=kt.slots, K_NU=kt.units, K_NW=kt.words, K_ALIGNED=kt.aligned, K_CROSSES=kt.crosses,
@@ -424,7 +475,7 @@ def compressed_attention_triton(
         K_IS_POLY=kt.poly_terms, V_IS_POLY=vt.poly_terms, F16=opts["fp16_levels"],
         HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
-        FENCE=query.is_cuda,
+        FENCE=query.is_cuda, ROPE=rope is not None,
         num_warps=opts["num_warps"],
         **({"maxnreg": maxnreg} if maxnreg and query.is_cuda else {}),
     )
