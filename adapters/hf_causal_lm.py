@@ -28,7 +28,6 @@ from spectralquant.rope import LinearRope, RopeTable, apply_rope
 from .base import STATE_ATTR, Adapter, WrapState, register_adapter
 from .hf_attention import attention_probabilities, capture_attention
 
-
 # RoPE types whose inverse frequencies are fixed at load time (dynamic ones update them per forward).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

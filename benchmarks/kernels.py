@@ -33,6 +33,7 @@ from spectralquant.kernels.random_cache import random_compressed_kv, random_quan
 from spectralquant.kernels.triton_attention import TUNING, compressed_attention_triton
 from spectralquant.kernels.triton_codec import encode
 from spectralquant.packing import RecordLayout
+from spectralquant.rope import LinearRope
 
 HQ, HKV, DIM = 32, 8, 128
 WINDOW, SINKS = 64, 4
@@ -122,7 +123,8 @@ def query(batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, HQ, 1, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
 
 
-def time_fused(pair, batch: int, context: int, budget: int, check: bool, **tuning) -> dict:
+def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=None, **tuning) -> dict:
+    """``rope``: a :class:`LinearRope` for keys stored before RoPE (None: after)."""
     tc = context - WINDOW
     probe = random_compressed_kv(batch, HKV, DIM, tc, WINDOW, SINKS, dtype=torch.bfloat16, device="cuda",
                                  encode=False, quantizers=pair)
@@ -135,6 +137,8 @@ def time_fused(pair, batch: int, context: int, budget: int, check: bool, **tunin
                              encode=False, quantizers=pair)
         for i in range(1, n)
     ]
+    for kv in kvs:
+        kv.key_rope = rope
     qs = [query(batch, i) for i in range(n)]
     calls = [lambda q=q, kv=kv: compressed_attention_triton(q, kv, **tuning) for q, kv in zip(qs, kvs)]
     row = dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
@@ -209,6 +213,28 @@ def codebook_comparison(args, budget: int, log) -> list[dict]:
                              rel_err_vs_reference=r["rel_err_vs_reference"]))
             log(f"  codebook bits={bits} {kind:>12}: {r['graph_us']:.1f} us, rel err {r['rel_err_vs_reference']:.1e}")
             torch.cuda.empty_cache()
+    return rows
+
+
+# Llama 3's RoPE frequencies (base 500000, head_dim 128) without its long-context rescaling.
+LLAMA3_ROPE = LinearRope(1.0 / 500000.0 ** (torch.arange(0, DIM, 2) / DIM))
+
+
+def rope_comparison(args, budget: int, log) -> list[dict]:
+    """Keys stored after RoPE (the query is rotated into the key basis once) against keys stored
+    before RoPE (each block's keys are decoded and rotated at their positions), with bf16 SDPA."""
+    rows = []
+    for batch, context in ((1, 4096), (8, 32768), (32, 32768)):
+        sdpa = time_sdpa(batch, context, budget)["graph_us"]
+        for bits in args.bits:
+            pair = quantizer_pair(bits)
+            for keys, rope in (("after RoPE", None), ("before RoPE", LLAMA3_ROPE)):
+                r = time_fused(pair, batch, context, budget, True, rope=rope, **args.tuned[bits])
+                rows.append(dict(batch=batch, context=context, bits=bits, keys=keys, graph_us=r["graph_us"],
+                                 sdpa_us=sdpa, rel_err_vs_reference=r["rel_err_vs_reference"]))
+                log(f"  rope B={batch} T={context} bits={bits} keys {keys:>11}: {r['graph_us']:.1f} us "
+                    f"(sdpa {sdpa:.1f}, {sdpa / r['graph_us']:.2f}x), rel err {r['rel_err_vs_reference']:.1e}")
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -464,7 +490,9 @@ def main() -> None:
     parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
-    parser.add_argument("--sections", nargs="+", default=["tune", "attention", "codebook", "layout", "encode", "e2e"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["tune", "attention", "codebook", "rope", "layout", "encode", "e2e"]
+    )
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")
     args = parser.parse_args()
@@ -500,6 +528,7 @@ def main() -> None:
         ("tune", lambda: {b: tune(b, budget, log) for b in args.bits}),
         ("attention", lambda: attention_table(args, budget, copy_bw, log)),
         ("codebook", lambda: codebook_comparison(args, budget, log)),
+        ("rope", lambda: rope_comparison(args, budget, log)),
         ("layout", lambda: layout_comparison(args, budget, log)),
         ("encode", lambda: encode_benchmark(args, log)),
         ("e2e", lambda: end_to_end(args.e2e_layers, log)),

@@ -86,6 +86,25 @@ def test_fused_attention_matches_the_reference_on_ragged_batches(dim, bits, quer
     assert rel(got, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dim,bits", LAYOUTS, ids=str)
+def test_keys_before_rope_match_the_reference_on_ragged_batches(dim, bits):
+    """The kernel rotates each history key at its own position (history starting at slot 5000,
+    left-padded rows), as the reference does."""
+    from spectralquant.kernels import compressed_attention_reference
+    from spectralquant.kernels.triton_attention import attention_unsupported_reason, compressed_attention_triton
+    from spectralquant.rope import LinearRope
+
+    q, kv, mask = ragged_case(dim, bits, queries=2, seed=dim)
+    kv.key_rope = LinearRope(1.0 / 500000.0 ** (torch.arange(0, dim, 2) / dim), scaling=1.2)
+    kv.key_first = 5000
+    assert attention_unsupported_reason(q, kv) is None
+    ref = compressed_attention_reference(q, kv, mask)
+    poison()
+    got = compressed_attention_triton(q, kv, mask)
+    assert torch.isfinite(got).all()
+    assert rel(got, ref) < 1e-2
+
+
 @pytest.mark.parametrize("dim,bits", [(128, (4, 4)), (128, (5, 8)), (64, (3, 2.5))], ids=str)
 def test_polynomial_levels_match_the_lookup_table(dim, bits):
     from spectralquant.kernels.triton_attention import compressed_attention_triton
@@ -168,8 +187,8 @@ def test_generation_with_fused_kernels_matches_the_reference_path(family, tiny_c
 
 
 def test_keys_before_rope_fall_back_to_the_reference_on_cuda():
-    """A cache of keys before RoPE (which the kernel cannot read) gives the reference's attention
-    on CUDA, and generation with it matches the unfused path."""
+    """A cache of keys before RoPE with head_dim 16 (which the kernel declines) gives the reference's
+    attention on CUDA, and generation with it matches the unfused path."""
     from conftest import tiny_model
     from spectralquant.adapters import find_adapter
 
