@@ -228,7 +228,7 @@ def rope_comparison(args, budget: int, log) -> list[dict]:
         sdpa = time_sdpa(batch, context, budget)["graph_us"]
         for bits in args.bits:
             pair = quantizer_pair(bits)
-            for keys, rope in (("after RoPE", None), ("before RoPE", LLAMA3_ROPE)):
+            for keys, rope in (("after RoPE", None), ("before RoPE", LinearRope(LLAMA3_ROPE.inv_freq.cuda()))):
                 r = time_fused(pair, batch, context, budget, True, rope=rope, **args.tuned[bits])
                 rows.append(dict(batch=batch, context=context, bits=bits, keys=keys, graph_us=r["graph_us"],
                                  sdpa_us=sdpa, rel_err_vs_reference=r["rel_err_vs_reference"]))
