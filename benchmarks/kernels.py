@@ -229,7 +229,8 @@ def rope_comparison(args, budget: int, log) -> list[dict]:
         for bits in args.bits:
             pair = quantizer_pair(bits)
             for keys, rope in (("after RoPE", None), ("before RoPE", LinearRope(LLAMA3_ROPE.inv_freq.cuda()))):
-                r = time_fused(pair, batch, context, budget, True, rope=rope, **args.tuned[bits])
+                tuning = args.tuned[bits] if rope is None else {}  # ROPE_TUNING applies before RoPE
+                r = time_fused(pair, batch, context, budget, True, rope=rope, **tuning)
                 rows.append(dict(batch=batch, context=context, bits=bits, keys=keys, graph_us=r["graph_us"],
                                  sdpa_us=sdpa, rel_err_vs_reference=r["rel_err_vs_reference"]))
                 log(f"  rope B={batch} T={context} bits={bits} keys {keys:>11}: {r['graph_us']:.1f} us "

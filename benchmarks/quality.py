@@ -112,6 +112,15 @@ ABLATIONS: dict[str, Ablation] = {
     "calibration 16k tokens": Ablation(calibration=dict(max_tokens=16384)),
     "pre-RoPE keys": Ablation(calibration=dict(pre_rope_keys=True)),
     "pre-RoPE query-aware keys": Ablation(dict(key_attention_aware=True), dict(pre_rope_keys=True)),
+    "pre-RoPE query-aware keys + uniform layer budget": Ablation(
+        dict(key_attention_aware=True, layer_budget="uniform"), dict(pre_rope_keys=True)
+    ),
+    "pre-RoPE query-aware keys + values 8 bits (diagnostic)": Ablation(
+        dict(key_attention_aware=True), dict(pre_rope_keys=True), value_bits=8.0
+    ),
+    "pre-RoPE query-aware keys + keys 8 bits (diagnostic)": Ablation(
+        dict(key_attention_aware=True), dict(pre_rope_keys=True), key_bits=8.0
+    ),
 }
 
 

@@ -12,7 +12,7 @@ removing RoPE divides it out, so the two are exact inverses.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class LinearRope:
 
     inv_freq: torch.Tensor
     scaling: float = 1.0
+    _offsets: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.inv_freq = self.inv_freq.detach().float()
@@ -37,6 +38,16 @@ class LinearRope:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+    def offset_table(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """Unscaled cos and sin of the angles of position offsets ``0 .. n-1``, ``[2, n, R/2]``
+        float32 on ``device`` (cached): the fused kernel gets each key's angle from its block's
+        first one by angle addition."""
+        key = (n, str(device))
+        if key not in self._offsets:
+            angles = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq.cpu()[None, :]
+            self._offsets[key] = torch.stack([angles.cos(), angles.sin()]).to(device)
+        return self._offsets[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

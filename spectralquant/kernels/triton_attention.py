@@ -47,6 +47,9 @@ COMBINE_TILE = 4096  # partial elements a combine program loads at a time (parts
 # _splits), register cap (word-aligned records, records whose units straddle words: those need
 # more registers, and spill at 168), polynomial levels in fp16 (else float32).
 TUNING = dict(block_t=64, num_warps=4, min_blocks=16, fill=2, per_sm=8, maxnreg=(168, 232), fp16_levels=True)
+# Keys stored before RoPE decode a [BT, D] key tile per block: smaller blocks and no register cap
+# (fastest of 7 settings on the H100 at batch 8, 32k context; kernels_notes.md).
+ROPE_TUNING = dict(block_t=32, maxnreg=None)
 
 
 @triton.jit
@@ -114,16 +117,23 @@ def _load_block(k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t_ok, k_uw, v
 
 
 @triton.jit
-def _rope_scores(uk, ksc, t, q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0):
+def _rope_scores(uk, ksc, t, t0, q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D):
     """Scores ``[M, BT]`` of keys stored before RoPE: each key is decoded into its two RoPE halves
-    (``x = scale * (basis * sigma) u + mean``), rotated at its position ``t + pos0`` (angles
-    ``position * inv_freq`` in float32, as transformers computes them) and dotted with the query
-    halves ``q1, q2`` (``qk_scale`` applied)."""
+    (``x = scale * (basis * sigma) u + mean``), rotated at its position and dotted with the query
+    halves ``q1, q2`` (``qk_scale`` applied). Angles come by angle addition from the block's first
+    position ``t0 + pos0`` (cos and sin of ``position * inv_freq`` in float32, per frequency) and
+    the table ``ROPE_D`` of the offsets ``0 .. BT-1`` (``[2, BT, D/2]``), so no per-key
+    trigonometry is needed. Padding slots (clamped to position 0 by the reference) are masked."""
+    a0 = (t0 + pos0).to(tl.float32) * inv_freq
+    c0 = tl.cos(a0) * rope_scale
+    s0 = tl.sin(a0) * rope_scale
+    off = ((t - t0)[:, None] * hd.shape[0] + hd[None, :])
+    cd = tl.load(ROPE_D + off)
+    sd = tl.load(ROPE_D + hd.shape[0] * t.shape[0] + off)
+    c = c0[None, :] * cd - s0[None, :] * sd
+    sn = s0[None, :] * cd + c0[None, :] * sd
     x1 = tl.dot(uk, kb1) * ksc[:, None] + km1[None, :]
     x2 = tl.dot(uk, kb2) * ksc[:, None] + km2[None, :]
-    angle = tl.maximum(t + pos0, 0).to(tl.float32)[:, None] * inv_freq[None, :]
-    c = tl.cos(angle) * rope_scale
-    sn = tl.sin(angle) * rope_scale
     y1 = (x1 * c - x2 * sn).to(tl.float16)
     y2 = (x2 * c + x1 * sn).to(tl.float16)
     return tl.dot(q1, tl.trans(y1)) + tl.dot(q2, tl.trans(y2))
@@ -131,10 +141,10 @@ def _rope_scores(uk, ksc, t, q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, p
 
 @triton.jit
 def _attend_block(
-    qs, qm, m_i, l_i, acc, t, t_ok, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
+    qs, qm, m_i, l_i, acc, t0, t, t_ok, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
     k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5,
     v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_s, v_h, v_a1, v_a3, v_a5,
-    q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0,
+    q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D,
     K_NU: tl.constexpr, K_S: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr, K_POLY: tl.constexpr,
     V_NU: tl.constexpr, V_S: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr, V_POLY: tl.constexpr,
     F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, FENCE: tl.constexpr, ROPE: tl.constexpr,
@@ -144,7 +154,7 @@ def _attend_block(
                      K_CROSSES, K_POLY, F16)
     uk = _layout_fence(uk.to(tl.float16), FENCE)
     if ROPE:
-        s = _rope_scores(uk, ksc, t, q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0)
+        s = _rope_scores(uk, ksc, t, t0, q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D)
     else:
         s = tl.dot(qs, tl.trans(uk)) * ksc[None, :] + qm[:, None]
     s = _finish_scores(s, SOFTCAP, softcap)
@@ -170,7 +180,7 @@ def _split_kernel(
     V_UW, V_USH, V_SSH, V_SMASK, V_LUT, V_POLY,
     V_BASIS, V_MEAN, PO, PM, PL,
     n_compressed, n_window, n_sinks, n_splits, split_len, qk_scale, softcap,
-    ROPE_F, rope_scale, key_first,
+    ROPE_F, ROPE_D, rope_scale, key_first,
     K_LUTN: tl.constexpr, V_LUTN: tl.constexpr,
     G: tl.constexpr, LQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     K_S: tl.constexpr, K_NU: tl.constexpr, K_NW: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr,
@@ -222,7 +232,7 @@ def _split_kernel(
                 qm += tl.sum(qc.to(tl.float32) * tl.load(K_MEAN + h * D + k)[None, :], 1)
             qs = (qs * qk_scale).to(tl.float16)
             qm = qm * qk_scale
-            q1, q2, kb1, kb2, km1, km2, inv_freq = qs, qs, qs, qs, qm, qm, qm  # unused
+            q1, q2, kb1, kb2, km1, km2, inv_freq, hd = qs, qs, qs, qs, qm, qm, qm, d  # unused
         pos0 = key_first - sink_lo
         k_uw, k_ush, k_ssh, k_smask = load_slot_tables(
             K_UW + h * K_NU, K_USH + h * K_NU, K_SSH + h * D, K_SMASK + h * D, K_NU, K_S
@@ -255,10 +265,10 @@ def _split_kernel(
                 K_CROSSES, V_NU, V_NW, V_ALIGNED, V_CROSSES, K_SCALED, V_SCALED, K_LOG, V_LOG,
             )
             m_i, l_i, acc = _attend_block(
-                qs, qm, m_i, l_i, acc, t, t < end, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
+                qs, qm, m_i, l_i, acc, t0, t, t < end, b, l, row_ok, sink_lo, n_sinks, MASK, smb, sml, smt, softcap,
                 k_lo, k_hi, ksc, k_ush, k_ssh, k_smask, k_lut, k_ps, k_ph, k_a1, k_a3, k_a5,
                 v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
-                q1, q2, kb1, kb2, km1, km2, inv_freq, rope_scale, pos0,
+                q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D,
                 K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
                 F16, HAS_MASK, SOFTCAP, FENCE, ROPE,
             )
@@ -404,15 +414,16 @@ def compressed_attention_triton(
     **tuning,
 ) -> torch.Tensor:
     """Fused attention of ``query [B, Hq, Lq, D]`` over ``kv`` (contract: the reference).
-    ``tuning`` overrides :data:`TUNING`: ``block_t`` (tokens per step; halved for head_dim 256),
-    ``num_warps``, ``min_blocks`` (blocks per split), ``fill`` and ``per_sm`` (least and most
-    programs per multiprocessor), ``maxnreg`` (register cap per thread, None for none, or a pair:
-    for word-aligned records and for records whose units straddle words), ``fp16_levels``
-    (polynomial codebook levels computed in fp16, else float32)."""
+    ``tuning`` overrides :data:`TUNING` (and, for keys before RoPE, :data:`ROPE_TUNING`):
+    ``block_t`` (tokens per step; halved for head_dim 256), ``num_warps``, ``min_blocks`` (blocks
+    per split), ``fill`` and ``per_sm`` (least and most programs per multiprocessor), ``maxnreg``
+    (register cap per thread, None for none, or a pair: for word-aligned records and for records
+    whose units straddle words), ``fp16_levels`` (polynomial codebook levels computed in fp16, else
+    float32)."""
     unknown = set(tuning) - set(TUNING)
     if unknown:
         raise ValueError(f"unknown tuning option(s) {sorted(unknown)}; valid: {sorted(TUNING)}")
-    opts = {**TUNING, **tuning}
+    opts = {**TUNING, **(ROPE_TUNING if kv.key_rope is not None else {}), **tuning}
     reason = attention_unsupported_reason(query, kv)
     if reason:
         raise ValueError(f"the fused kernel cannot run this attention: {reason}; use compressed_attention")
@@ -452,6 +463,7 @@ def compressed_attention_triton(
     kc = min(CHUNK, d)
     rope = kv.key_rope
     rope_freq = rope.inv_freq.to(query.device) if rope is not None else pm
+    rope_offsets = rope.offset_table(bt, query.device) if rope is not None else pm
     maxnreg = opts["maxnreg"]
     if isinstance(maxnreg, tuple):
         maxnreg = maxnreg[kt.crosses or vt.crosses]
@@ -466,7 +478,7 @@ def compressed_attention_triton(
         kt.mean, vt.unit_word, vt.unit_shift, vt.slot_shift, vt.slot_mask, vt.levels16, _poly_arg(vt),
         vt.basis_sigma16, vt.mean, po, pm, pl,
         tc, n_window, n_sinks, n_splits, split_len, qk_scale, softcap if softcap is not None else 1.0,
-        rope_freq, rope.scaling if rope is not None else 1.0, kv.key_first,
+        rope_freq, rope_offsets, rope.scaling if rope is not None else 1.0, kv.key_first,
         K_LUTN=kt.table_size, V_LUTN=vt.table_size,
         G=g, LQ=lq, M=m_rows, D=d,
         K_S=kt.slots, K_NU=kt.units, K_NW=kt.words, K_ALIGNED=kt.aligned, K_CROSSES=kt.crosses,
