@@ -18,7 +18,8 @@ Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, o
         --bits 2,2.5,3,4 --out benchmarks/results/quality_smollm2
 
 ``--bits`` applies to every method that can store it (KIVI and INT take whole bits, FP8 only 8);
-``--method-bits name=b1,b2`` adds or replaces one method's budgets.
+``--method-bits name=b1,b2`` adds or replaces one method's budgets. ``--pre-rope-keys`` runs the
+SpectralQuant rows on a calibration of keys before RoPE (``sq.calibrate(..., pre_rope_keys=True)``).
 
 ``--ablations all`` (or a comma list of names from ``ABLATIONS``) instead measures SpectralQuant at
 ``--ablation-bits`` with one lever changed per row (calibration levers recalibrate, cached):
@@ -120,6 +121,15 @@ ABLATIONS: dict[str, Ablation] = {
     ),
     "pre-RoPE query-aware keys + keys 8 bits (diagnostic)": Ablation(
         dict(key_attention_aware=True), dict(pre_rope_keys=True), key_bits=8.0
+    ),
+    "pre-RoPE query-aware keys 2 / values 2.5": Ablation(
+        dict(key_attention_aware=True), dict(pre_rope_keys=True), key_bits=2.0, value_bits=2.5
+    ),
+    "pre-RoPE query-aware keys 1.5 / values 3": Ablation(
+        dict(key_attention_aware=True), dict(pre_rope_keys=True), key_bits=1.5, value_bits=3.0
+    ),
+    "pre-RoPE query-aware keys + output-aware values": Ablation(
+        dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)
     ),
 }
 
@@ -356,6 +366,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ablations", default="", help="'all' or comma-separated names from ABLATIONS")
     p.add_argument("--ablation-bits", type=float, default=2.25, help="budget of the ablation rows")
     p.add_argument("--calibration", default=None, help="calibration file (default: calibrate once, cache)")
+    p.add_argument(
+        "--pre-rope-keys", action="store_true",
+        help="SpectralQuant rows use a calibration of keys before RoPE (baselines keep theirs after RoPE)",
+    )
     p.add_argument("--out", default=None, help="output prefix for .json and .png")
     return p.parse_args()
 
@@ -380,8 +394,12 @@ def budgets(args) -> list[tuple[str, float]]:
 def runs(args, model, tok, calib: Calibration):
     """``(row metadata, sq.wrap options, calibration)`` for every row asked for."""
     if not args.ablations:
+        pre = load_calibration(model, tok, args.model, None, pre_rope_keys=True) if args.pre_rope_keys else None
         for method, bits in budgets(args):
-            yield dict(method=method, bits=bits), dict(method=method, bits=bits), calib
+            if pre is not None and method == "spectralquant":
+                yield dict(method=method, bits=bits, variant="pre-RoPE keys"), dict(method=method, bits=bits), pre
+            else:
+                yield dict(method=method, bits=bits), dict(method=method, bits=bits), calib
         return
     names = list(ABLATIONS) if args.ablations == "all" else [n.strip() for n in args.ablations.split(",")]
     unknown = [n for n in names if n not in ABLATIONS]

@@ -171,7 +171,7 @@ def test_clear_errors(pre_rope_calibrations):
         CompressedLayer(codec, CompressionConfig())
 
 
-def test_fused_kernel_declines_keys_before_rope(pre_rope_calibrations):
+def test_fused_kernel_takes_linear_rope_at_head_dim_32_and_up(pre_rope_calibrations):
     from spectralquant.kernels.triton_attention import attention_unsupported_reason
 
     model = tiny_model("llama")
@@ -179,9 +179,8 @@ def test_fused_kernel_declines_keys_before_rope(pre_rope_calibrations):
     with torch.no_grad():
         view = model(ids(1, 30)).past_key_values.layers[0].snapshot()
     sq.unwrap(model)
-    assert attention_unsupported_reason(torch.zeros(1, 4, 1, 16), view) == (
-        "keys are stored before RoPE (the kernel does not apply RoPE per key)"
-    )
+    assert isinstance(view.key_rope, LinearRope) and view.key_first == 0
+    assert "head_dim below 32" in attention_unsupported_reason(torch.zeros(1, 4, 1, 16), view)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
