@@ -47,9 +47,13 @@ def cmd_calibrate(args) -> None:
 
     model, tok = _load_model(args.model, args.dtype, args.device)
     texts = [Path(p).read_text() for p in args.texts] if args.texts else None
-    calib = sq.calibrate(model, tok, texts, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    calib = sq.calibrate(
+        model, tok, texts, seq_len=args.seq_len, max_tokens=args.max_tokens, pre_rope_keys=args.pre_rope_keys
+    )
     calib.save(args.out)
-    print(f"calibrated {calib.signature.num_layers} layers on {calib.info['tokens']} tokens -> {args.out}")
+    where = "before" if calib.keys_pre_rope else "after"
+    print(f"calibrated {calib.signature.num_layers} layers on {calib.info['tokens']} tokens "
+          f"(keys {where} RoPE) -> {args.out}")
 
 
 def cmd_generate(args) -> None:
@@ -81,7 +85,8 @@ def cmd_inspect(args) -> None:
     config = sq.resolve_config(args.preset, **_dials(args.set))
     codecs = build_codecs(calib, config)
     print(f"model {sig.name or '?'} ({sig.model_type or '?'}): {sig.num_layers} layers, "
-          f"KV heads {sorted(set(sig.kv_heads))}, head_dim {sorted(set(sig.head_dims))}; {calib.info}")
+          f"KV heads {sorted(set(sig.kv_heads))}, head_dim {sorted(set(sig.head_dims))}; "
+          f"keys {'before' if calib.keys_pre_rope else 'after'} RoPE; {calib.info}")
     print(f"preset {args.preset}: {config.describe()}")
     print("d_eff = participation ratio / dims holding 90% of variance; widths = count of coordinates per bit width")
     eff = calib.effective_dims()
@@ -115,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--texts", nargs="*", help="text files to calibrate on (default: the bundled English corpus)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument(
+        "--pre-rope-keys", action="store_true",
+        help="measure (and later store) keys before RoPE: better quality, slower fused decode on CUDA",
+    )
     p.add_argument("--out", required=True, help="where to write the .safetensors calibration")
     p.set_defaults(func=cmd_calibrate)
 

@@ -52,6 +52,16 @@ def test_smollm2_quality_on_the_real_code_path(smollm2):
     assert abs(report.ppl_change) < 0.05, report
 
 
+def test_smollm2_keys_before_rope_lose_less_than_keys_after_rope(smollm2):
+    model, tok, calib = smollm2
+    pre = sq.calibrate(model, tok, max_tokens=1024, seq_len=512, progress=False, pre_rope_keys=True, sensitivity=False)
+    assert pre.keys_pre_rope and not calib.keys_pre_rope
+    ids = eval_ids(tok, 320)
+    dials = dict(bits=2, window=16, chunk=16, layer_budget="uniform")
+    after, before = quality(model, calib, ids, **dials), quality(model, pre, ids, **dials)
+    assert before.kl < 0.8 * after.kl, (before, after)
+
+
 def test_smollm2_generate_then_unwrap(smollm2):
     model, tok, calib = smollm2
     ids = tok("The history of the printing press", return_tensors="pt")
@@ -113,8 +123,21 @@ def test_cli(smollm2, tmp_path, capsys):
     calib.save(path)
     cli_main(["inspect", str(path), "--layer", "2"])
     out = capsys.readouterr().out
-    assert "layer   2 key   head 0" in out and "B/record" in out
+    assert "layer   2 key   head 0" in out and "B/record" in out and "keys after RoPE" in out
     cli_main(["generate", "--calibration", str(path), "--prompt", "Hello", "--max-new-tokens", "4", "--set", "bits=3"])
     assert "tok/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown option"):
         cli_main(["inspect", str(path), "--set", "bitz=3"])
+
+
+def test_cli_calibrates_keys_before_rope_on_request(smollm2, tmp_path, capsys, monkeypatch):
+    _, _, calib = smollm2
+    seen = {}
+
+    def fake_calibrate(model, tok, texts, **options):
+        seen.update(options)
+        return calib
+
+    monkeypatch.setattr(sq, "calibrate", fake_calibrate)
+    cli_main(["calibrate", "--pre-rope-keys", "--out", str(tmp_path / "c.safetensors")])
+    assert seen["pre_rope_keys"] is True and "keys after RoPE" in capsys.readouterr().out
