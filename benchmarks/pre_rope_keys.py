@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 from spectralquant.integrations.offline_models import load_offline_model
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from spectralquant.calibration import KVStats
 from spectralquant.corpus import book_text
 from spectralquant.metrics import kl_divergence, token_nll
 from spectralquant.quantizer import Quantizer, QuantizerConfig
+from spectralquant.rope import apply_rope
 from spectralquant.stats import CovarianceAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,8 +48,7 @@ def rotary(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """RoPE of keys ``x [T, H, D]`` at positions ``0 .. T-1`` (``inverse``: rotate back)."""
     t = x.shape[0]
-    c, s = cos[:, :t], (-sin if inverse else sin)[:, :t]
-    return apply_rotary_pos_emb(x.transpose(0, 1)[None], x.transpose(0, 1)[None], c, s)[1][0].transpose(0, 1)
+    return apply_rope(x.transpose(0, 1)[None], cos[:, :t], sin[:, :t], inverse)[0].transpose(0, 1)
 
 
 @torch.inference_mode()
