@@ -3,7 +3,7 @@
 The dispatchers run the Triton kernels on CUDA tensors when Triton is installed and the kernels
 support the inputs, and the PyTorch reference otherwise (CPU tensors; QJL quantizers; head dims
 that are not a power of two in [16, 256]; more than 128 query rows per KV head; keys stored
-before RoPE). The kernels
+before RoPE with dynamic frequencies, a partial rotary dimension or head_dim below 32). The kernels
 themselves live in :mod:`.triton_codec` and :mod:`.triton_attention` (imported lazily, so the
 package works without Triton).
 """
