@@ -20,6 +20,7 @@ Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, o
 ``--bits`` applies to every method that can store it (KIVI and INT take whole bits, FP8 only 8);
 ``--method-bits name=b1,b2`` adds or replaces one method's budgets. ``--pre-rope-keys`` runs the
 SpectralQuant rows on a calibration of keys before RoPE (``sq.calibrate(..., pre_rope_keys=True)``).
+``--replot A.json B.json --out P`` draws the rows of earlier runs in one plot, running nothing.
 
 ``--ablations all`` (or a comma list of names from ``ABLATIONS``) instead measures SpectralQuant at
 ``--ablation-bits`` with one lever changed per row (calibration levers recalibrate, cached):
@@ -371,6 +372,8 @@ def parse_args() -> argparse.Namespace:
         help="SpectralQuant rows use a calibration of keys before RoPE (baselines keep theirs after RoPE)",
     )
     p.add_argument("--out", default=None, help="output prefix for .json and .png")
+    p.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                   help="only plot the rows of these result files together (to --out .png); runs nothing")
     return p.parse_args()
 
 
@@ -414,8 +417,29 @@ def runs(args, model, tok, calib: Calibration):
         yield dict(method="spectralquant", bits=args.ablation_bits, variant=name, options=options), options, calibration
 
 
+def replot(paths: list[str], out: str) -> None:
+    """One plot of the rows of several result files of the same model, context and FP16 reference."""
+    results = [json.load(open(p)) for p in paths]
+    first = results[0]
+
+    def setting(r: dict) -> tuple:
+        return r["model"], r["tokens"], r["fp16"]["ppl_book"]
+
+    for path, r in zip(paths, results):
+        if setting(r) != setting(first):
+            raise SystemExit(f"{path} is for another model, context or FP16 reference than {paths[0]}")
+    rows = [row for r in results for row in r["rows"]]
+    title = f"{first['model']}, {first['tokens']}-token context (cfi-en evaluation split)"
+    plot(rows, first["fp16"]["ppl_book"], title, out + ".png")
+    print(f"wrote {out}.png")
+
+
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        if not args.out:
+            raise SystemExit("--replot needs --out")
+        return replot(args.replot, args.out)
     torch.manual_seed(0)
     model, tok = load_offline_model(args.model)
     calib = load_calibration(model, tok, args.model, args.calibration)
