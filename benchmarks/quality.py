@@ -129,6 +129,13 @@ ABLATIONS: dict[str, Ablation] = {
     "pre-RoPE query-aware keys 1.5 / values 3": Ablation(
         dict(key_attention_aware=True), dict(pre_rope_keys=True), key_bits=1.5, value_bits=3.0
     ),
+    "pre-RoPE query-aware keys + layer floor 1.5 bits": Ablation(
+        dict(key_attention_aware=True, layer_min_bits=1.5), dict(pre_rope_keys=True)
+    ),
+    "pre-RoPE query-aware keys + layer floor 2 bits": Ablation(
+        dict(key_attention_aware=True, layer_min_bits=2.0), dict(pre_rope_keys=True)
+    ),
+    "layer floor 1.5 bits": Ablation(dict(layer_min_bits=1.5)),
     "pre-RoPE query-aware keys + output-aware values": Ablation(
         dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)
     ),

@@ -61,7 +61,7 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
             stacklevel=3,
         )
     sizes = torch.tensor([h * d for h, d in zip(sig.kv_heads, sig.head_dims)])
-    lo = max(config.key.min_bits, config.value.min_bits, 1)
+    lo = max(config.key.min_bits, config.value.min_bits, config.layer_min_bits)
     hi = min(config.key.max_bits, config.value.max_bits)
     # Steps of one 32-bit word per head: records are padded to whole words (see packing).
     step = 32 / min(sig.head_dims)

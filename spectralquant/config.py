@@ -24,6 +24,9 @@ class CompressionConfig:
         (the same total, redistributed across layers and between keys and values by the
         calibration's measured per-layer sensitivity; see :mod:`spectralquant.layer_budget`), or
         ``auto``: ``sensitivity`` when the calibration has sensitivities, else ``uniform``.
+    layer_min_bits: the fewest bits per coordinate the ``sensitivity`` budget gives any layer's keys
+        or values. The sensitivities are measured on a short context, where layers that matter
+        only for long-range retrieval look cheap to compress; a floor keeps them readable.
     layer_bits: explicit per-layer ``(key_bits, value_bits)``, overriding both of the above.
     method: ``spectralquant``, or a baseline codec from :mod:`spectralquant.baselines`
         (``turboquant``, ``turboquant_qjl``, ``kivi``, ``int``, ``fp8``) run in the same cache at
@@ -37,6 +40,7 @@ class CompressionConfig:
     sinks: int = 4
     fp16_layers: tuple[int, ...] = ()
     layer_budget: str = "auto"
+    layer_min_bits: float = 1.0
     layer_bits: tuple[tuple[float, float], ...] = ()
     method: str = "spectralquant"
 
@@ -53,6 +57,13 @@ class CompressionConfig:
         if self.layer_budget not in LAYER_BUDGETS:
             raise ValueError(f"unknown layer_budget {self.layer_budget!r}; choose one of {LAYER_BUDGETS}")
         object.__setattr__(self, "layer_bits", tuple((float(k), float(v)) for k, v in self.layer_bits))
+        if isinstance(self.layer_min_bits, bool) or not isinstance(self.layer_min_bits, (int, float)):
+            raise ValueError(f"layer_min_bits must be a number, got {self.layer_min_bits!r}")
+        if not 1 <= self.layer_min_bits <= min(self.key.bits, self.value.bits):
+            raise ValueError(
+                f"layer_min_bits={self.layer_min_bits} must be at least 1 and at most the key and value bits "
+                f"({self.key.bits:g}, {self.value.bits:g})"
+            )
 
     def describe(self) -> str:
         if self.method != "spectralquant":
@@ -67,6 +78,8 @@ class CompressionConfig:
             "sensitivity": "; bits spread across layers by sensitivity",
             "auto": "; bits spread across layers by sensitivity when measured",
         }.get(self.layer_budget, "")
+        if budget and self.layer_min_bits != 1:
+            budget += f" (at least {self.layer_min_bits:g} bits per layer)"
         return (
             f"keys {q(self.key)}; values {q(self.value)}{budget}; fp16 window {self.window} (chunk {self.chunk}), "
             f"{self.sinks} sink tokens" + (f"; fp16 layers {list(self.fp16_layers)}" if self.fp16_layers else "")
@@ -83,7 +96,7 @@ PRESETS: dict[str, CompressionConfig] = {
 }
 
 _QUANTIZER_DIALS = {f.name for f in fields(QuantizerConfig)}
-_CACHE_DIALS = {"window", "chunk", "sinks", "fp16_layers", "layer_budget", "layer_bits", "method"}
+_CACHE_DIALS = {"window", "chunk", "sinks", "fp16_layers", "layer_budget", "layer_min_bits", "layer_bits", "method"}
 
 
 def valid_dials() -> list[str]:
@@ -97,7 +110,7 @@ def resolve_config(preset: str | CompressionConfig = "standard", **dials) -> Com
 
     A quantizer dial (``bits``, ``rotation``, ...) sets keys and values alike; ``key_<dial>`` or
     ``value_<dial>`` sets one kind; ``window``, ``chunk``, ``sinks``, ``fp16_layers``,
-    ``layer_budget``, ``layer_bits`` set the cache.
+    ``layer_budget``, ``layer_min_bits``, ``layer_bits`` set the cache.
     Unknown preset names and dials raise ``ValueError`` listing what is valid.
     """
     if isinstance(preset, CompressionConfig):

@@ -65,3 +65,17 @@ def test_a_uniform_width_that_leaves_records_part_empty_warns(tiny_calibrations)
         assert layer_bits(calib, resolve_config("max", layer_budget="uniform", bits=snug)) == [(snug, snug)] * len(
             calib.signature.head_dims
         )
+
+
+def test_layer_floor_holds_and_the_budget_is_still_spent(tiny_calibrations):
+    calib = dataclasses.replace(tiny_calibrations("llama"))
+    # Two layers that look free to compress and two sensitive ones: without a floor the free ones get 1 bit.
+    calib.sensitivity = torch.tensor([[0.0, 0.0], [5.0, 1.0], [0.0, 0.0], [5.0, 1.0]])
+    assert min(min(kv) for kv in layer_bits(calib, resolve_config("max"))) == 1.0
+    floored = layer_bits(calib, resolve_config("max", layer_min_bits=2.0))
+    assert min(min(kv) for kv in floored) >= 2.0
+    mean = sum(k + v for k, v in floored) / (2 * len(floored))
+    assert 2.25 - 32 / 16 / 4 < mean <= 2.25  # spent to within one word step of the smallest layer
+    for bad in (0.5, 3.0):
+        with pytest.raises(ValueError, match="layer_min_bits"):
+            resolve_config("max", layer_min_bits=bad)
