@@ -136,6 +136,9 @@ ABLATIONS: dict[str, Ablation] = {
         dict(key_attention_aware=True, layer_min_bits=2.0), dict(pre_rope_keys=True)
     ),
     "layer floor 1.5 bits": Ablation(dict(layer_min_bits=1.5)),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens": Ablation(
+        dict(key_attention_aware=True), dict(pre_rope_keys=True, sensitivity_prefix=1536)
+    ),
     "pre-RoPE query-aware keys + output-aware values": Ablation(
         dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)
     ),

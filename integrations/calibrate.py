@@ -23,12 +23,15 @@ def calibrate_model(
     seq_len: int = 2048,
     max_tokens: int = 6144,
     sensitivity: bool = True,
+    sensitivity_prefix: int = SENSITIVITY_PREFIX,
     progress: bool = True,
     **options,
 ) -> Calibration:
     """Calibrate ``adapter``'s model. For causal LMs, text is tokenized here (``token_ids`` wins
     over ``texts``; default: the bundled corpus), and unless ``sensitivity=False`` one row is also
-    used to measure each layer's sensitivity (``2 * layers`` short forwards)."""
+    used to measure each layer's sensitivity (``2 * layers`` short forwards of
+    ``SENSITIVITY_SUFFIX`` tokens after a prefix of ``sensitivity_prefix`` tokens, at most three
+    quarters of a row)."""
     if not isinstance(adapter, HFCausalLMAdapter):
         return adapter.calibrate(tokenizer=tokenizer, texts=texts, progress=progress, **options)
     if token_ids is None:
@@ -36,7 +39,9 @@ def calibrate_model(
     calibration = adapter.calibrate(token_ids=token_ids, progress=progress, **options)
     if sensitivity:
         length = token_ids.shape[1]
-        prefix = min(SENSITIVITY_PREFIX, (3 * length) // 4)
+        if sensitivity_prefix < 1:
+            raise ValueError(f"sensitivity_prefix must be positive, got {sensitivity_prefix}")
+        prefix = min(sensitivity_prefix, (3 * length) // 4)
         row = token_ids[:1, : prefix + min(SENSITIVITY_SUFFIX, length - prefix)]
         calibration.sensitivity = measure_sensitivity(
             adapter, calibration, row, prefix, probe_bits=SENSITIVITY_BITS, progress=progress

@@ -5,9 +5,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import spectralquant as sq
 from spectralquant.codec import layer_bits
 from spectralquant.config import resolve_config
 from spectralquant.layer_budget import allocate_layer_bits
@@ -79,3 +81,13 @@ def test_layer_floor_holds_and_the_budget_is_still_spent(tiny_calibrations):
     for bad in (0.5, 3.0):
         with pytest.raises(ValueError, match="layer_min_bits"):
             resolve_config("max", layer_min_bits=bad)
+
+
+def test_sensitivity_context_is_a_calibration_option():
+    model = tiny_model("llama")
+    x = torch.randint(2, 96, (1, 64), generator=torch.Generator().manual_seed(5))
+    calib = sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=40, pre_rope_keys=True)
+    assert calib.info["sensitivity_tokens"] == [40, 24] and calib.sensitivity.shape == (4, 2)
+    assert sq.calibrate(model, token_ids=x, progress=False).info["sensitivity_tokens"] == [48, 16]
+    with pytest.raises(ValueError, match="sensitivity_prefix must be positive"):
+        sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=0)

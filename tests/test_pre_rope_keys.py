@@ -196,3 +196,4 @@ def test_rope_tables_are_the_models_own(family):
         want = rotary(torch.empty(0), positions, **args)
         for got, ref in zip(table(positions), want):
             assert torch.equal(got, ref)
+
