@@ -51,14 +51,16 @@ FAMILIES = ["llama", "gemma3", "gemma2", "qwen2", "mistral", "phi3"]
 
 @pytest.fixture(scope="session")
 def tiny_calibrations():
-    """Per family: a calibration from 4 x 64 random tokens (cached for the session)."""
+    """Per family (and ``sq.calibrate`` options): a calibration from 4 x 64 random tokens (cached
+    for the session)."""
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
+    def get(family: str, **options):
+        key = (family, tuple(sorted(options.items())))
+        if key not in cache:
             model = tiny_model(family)
             ids = torch.randint(2, 96, (4, 64), generator=torch.Generator().manual_seed(1))
-            cache[family] = sq.calibrate(model, token_ids=ids, sensitivity=False, progress=False)
-        return cache[family]
+            cache[key] = sq.calibrate(model, token_ids=ids, sensitivity=False, progress=False, **options)
+        return cache[key]
 
     return get

@@ -23,19 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
-def pre_rope_calibrations():
-    """Per family: a calibration before RoPE from 4 x 64 random tokens."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            x = torch.randint(2, 96, (4, 64), generator=torch.Generator().manual_seed(1))
-            cache[family] = sq.calibrate(
-                tiny_model(family), token_ids=x, sensitivity=False, progress=False, pre_rope_keys=True
-            )
-        return cache[family]
-
-    return get
+def pre_rope_calibrations(tiny_calibrations):
+    """Per family: the tiny calibration measured before RoPE."""
+    return lambda family: tiny_calibrations(family, pre_rope_keys=True)
 
 
 def rope_inputs(b: int, t: int, r: int, scale: float, seed: int):
