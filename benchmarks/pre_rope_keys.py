@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from spectralquant.adapters import find_adapter
 from spectralquant.integrations.offline_models import load_offline_model
 
 from spectralquant.calibration import KVStats
@@ -41,8 +42,7 @@ ARMS = ("pre-RoPE", "post-RoPE")
 
 def rotary(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own ``cos, sin`` ``[1, length, D]`` for positions ``0 .. length - 1``."""
-    dim = model.config.head_dim
-    return model.model.rotary_emb(torch.zeros(1, length, dim), torch.arange(length)[None])
+    return find_adapter(model).rope_table(0)(torch.arange(length)[None])
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
