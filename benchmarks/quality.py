@@ -77,10 +77,11 @@ class Ablation:
     def wrap_options(self, bits: float) -> dict:
         if self.key_shift or self.key_bits is not None or self.value_bits is not None:
             # The sensitivity layer budget pools key and value bits, so a split only holds under a
-            # uniform one (compare these rows with "uniform layer budget").
+            # uniform one (compare these rows with "uniform layer budget") unless the row sets
+            # layer_budget="sensitivity_per_kind".
             keys = self.key_bits if self.key_bits is not None else bits + self.key_shift
             values = self.value_bits if self.value_bits is not None else bits - self.key_shift
-            return dict(self.dials, key_bits=keys, value_bits=values, layer_budget="uniform")
+            return dict({"layer_budget": "uniform", **self.dials}, key_bits=keys, value_bits=values)
         return dict(self.dials, bits=bits)
 
 
@@ -138,6 +139,23 @@ ABLATIONS: dict[str, Ablation] = {
     "layer floor 1.5 bits": Ablation(dict(layer_min_bits=1.5)),
     "pre-RoPE query-aware keys + sensitivity at 1536 tokens": Ablation(
         dict(key_attention_aware=True), dict(pre_rope_keys=True, sensitivity_prefix=1536)
+    ),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens with recall": Ablation(
+        dict(key_attention_aware=True),
+        dict(pre_rope_keys=True, sensitivity_prefix=1536, sensitivity_recall=True),
+    ),
+    "sensitivity at 1536 tokens with recall": Ablation(
+        calibration=dict(sensitivity_prefix=1536, sensitivity_recall=True)
+    ),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens + budget per kind": Ablation(
+        dict(key_attention_aware=True, layer_budget="sensitivity_per_kind"),
+        dict(pre_rope_keys=True, sensitivity_prefix=1536),
+    ),
+    "pre-RoPE query-aware keys 2 / values 2.5 + sensitivity at 1536 tokens + budget per kind": Ablation(
+        dict(key_attention_aware=True, layer_budget="sensitivity_per_kind"),
+        dict(pre_rope_keys=True, sensitivity_prefix=1536),
+        key_bits=2.0,
+        value_bits=2.5,
     ),
     "pre-RoPE query-aware keys + output-aware values": Ablation(
         dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)

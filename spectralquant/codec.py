@@ -50,14 +50,15 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
         return [(config.key.bits, config.value.bits)] * n
     if calibration.sensitivity is None:
         raise ValueError(
-            "layer_budget='sensitivity' needs a calibration with measured sensitivities: "
+            f"layer_budget={config.layer_budget!r} needs a calibration with measured sensitivities: "
             "calibrate with sq.calibrate(model, tokenizer) (sensitivity=True), or use layer_budget='uniform'"
         )
-    if config.key.bits != config.value.bits:
+    pooled = config.layer_budget != "sensitivity_per_kind"
+    if pooled and config.key.bits != config.value.bits:
         warnings.warn(
             f"key_bits={config.key.bits} and value_bits={config.value.bits} are pooled by the sensitivity layer "
             "budget, which splits their total between keys and values itself; to fix the split, set "
-            "layer_budget='uniform' or give layer_bits",
+            "layer_budget='sensitivity_per_kind' (or 'uniform') or give layer_bits",
             stacklevel=3,
         )
     sizes = torch.tensor([h * d for h, d in zip(sig.kv_heads, sig.head_dims)])
@@ -74,6 +75,7 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
         step=step,
         min_bits=lo,
         max_bits=hi,
+        pooled=pooled,
     )
     return [(float(k), float(v)) for k, v in bits.tolist()]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from .quantizer import QuantizerConfig
 
-LAYER_BUDGETS = ("auto", "uniform", "sensitivity")
+LAYER_BUDGETS = ("auto", "uniform", "sensitivity", "sensitivity_per_kind")
 METHODS = ("spectralquant", "turboquant", "turboquant_qjl", "kivi", "int", "fp8")
 
 
@@ -22,8 +22,10 @@ class CompressionConfig:
     fp16_layers: layer indices left uncompressed (e.g. the most sensitive ones).
     layer_budget: ``uniform`` (every layer at ``key.bits`` / ``value.bits``), ``sensitivity``
         (the same total, redistributed across layers and between keys and values by the
-        calibration's measured per-layer sensitivity; see :mod:`spectralquant.layer_budget`), or
-        ``auto``: ``sensitivity`` when the calibration has sensitivities, else ``uniform``.
+        calibration's measured per-layer sensitivity; see :mod:`spectralquant.layer_budget`),
+        ``sensitivity_per_kind`` (keys keep ``key.bits`` and values ``value.bits`` on average, each
+        spread across layers by its own sensitivity), or ``auto``: ``sensitivity`` when the
+        calibration has sensitivities, else ``uniform``.
     layer_min_bits: the fewest bits per coordinate the ``sensitivity`` budget gives any layer's keys
         or values. The sensitivities are measured on a short context, where layers that matter
         only for long-range retrieval look cheap to compress; a floor keeps them readable.
@@ -76,6 +78,7 @@ class CompressionConfig:
 
         budget = {
             "sensitivity": "; bits spread across layers by sensitivity",
+            "sensitivity_per_kind": "; key and value bits each spread across layers by sensitivity",
             "auto": "; bits spread across layers by sensitivity when measured",
         }.get(self.layer_budget, "")
         if budget and self.layer_min_bits != 1:

@@ -21,14 +21,16 @@ def allocate_layer_bits(
     step: float = 0.25,
     min_bits: float = 1.0,
     max_bits: float = 8.0,
+    pooled: bool = True,
 ) -> torch.Tensor:
     """Per-layer ``[L, 2]`` (key, value) bit widths spending the bits of ``key_bits`` on every key
-    plus ``value_bits`` on every value, pooled: the greedy moves bits between keys and values too
-    (keys usually get more), so only ``key_bits + value_bits`` matters, not the split.
+    plus ``value_bits`` on every value. ``pooled``: one budget, and the greedy moves bits between
+    keys and values too (keys usually get more), so only ``key_bits + value_bits`` matters, not
+    the split; else keys and values each spread their own budget across layers.
 
     ``sensitivity [L, 2]`` (non-negative), ``sizes [L]`` coordinates per token in each layer
     (KV heads x head_dim). The result never spends more than the budget and differs from it by
-    less than one step of the smallest layer.
+    less than one step of the smallest layer (per kind, unless pooled).
     """
     if sensitivity.dim() != 2 or sensitivity.shape[1] != 2 or sizes.shape != sensitivity.shape[:1]:
         raise ValueError(
@@ -40,8 +42,20 @@ def allocate_layer_bits(
         raise ValueError(f"budget ({key_bits}, {value_bits}) bits is outside [{min_bits}, {max_bits}]")
     s = sensitivity.double()
     size = sizes.double()[:, None].expand_as(s)
+    limits = (probe_bits, step, min_bits, max_bits)
+    if pooled:
+        return _greedy(s, size, float((size[:, 0] * (key_bits + value_bits)).sum()), *limits)
+    kinds = [_greedy(s[:, k : k + 1], size[:, k : k + 1], float(size[:, k].sum() * b), *limits)
+             for k, b in enumerate((key_bits, value_bits))]
+    return torch.cat(kinds, 1)
+
+
+def _greedy(
+    s: torch.Tensor, size: torch.Tensor, budget: float, probe_bits: float, step: float, min_bits: float, max_bits: float
+) -> torch.Tensor:
+    """Widths (the shape of ``s``) from ``min_bits`` up, a step at a time where the modelled KL
+    falls most per bit spent, until no step fits in ``budget`` bits per token."""
     bits = torch.full_like(s, min_bits)
-    budget = float((size[:, 0] * (key_bits + value_bits)).sum())
     spent = float((size * bits).sum())
     gain_per_step = 1 - 4.0 ** (-step)
     while True:
@@ -51,6 +65,6 @@ def allocate_layer_bits(
             return bits
         gain = torch.where(affordable, gain, torch.full_like(gain, -1.0))
         flat = int(torch.argmax(gain))
-        l, k = divmod(flat, 2)
+        l, k = divmod(flat, s.shape[1])
         bits[l, k] += step
         spent += step * float(size[l, k])

@@ -21,17 +21,20 @@ from spectralquant.layer_budget import allocate_layer_bits
     key_bits=st.sampled_from([1.5, 2.25, 3.0, 4.0]),
     value_bits=st.sampled_from([1.5, 2.25, 3.0]),
     seed=st.integers(0, 1000),
+    pooled=st.booleans(),
 )
-def test_budget_is_spent_and_never_exceeded(layers, key_bits, value_bits, seed):
+def test_budget_is_spent_and_never_exceeded(layers, key_bits, value_bits, seed, pooled):
     g = torch.Generator().manual_seed(seed)
     sens = torch.rand(layers, 2, generator=g) * 10 ** torch.randint(-3, 2, (layers, 2), generator=g)
     sizes = torch.tensor([64, 128, 256])[torch.randint(0, 3, (layers,), generator=g)]
     step = 32 / 256
-    bits = allocate_layer_bits(sens, sizes, key_bits, value_bits, 2.0, step=step, min_bits=1, max_bits=8)
-    budget = float(sizes.sum() * (key_bits + value_bits))
-    spent = float((bits * sizes[:, None]).sum())
-    assert spent <= budget + 1e-6
-    assert budget - spent < step * float(sizes.min()) + 1e-6
+    bits = allocate_layer_bits(sens, sizes, key_bits, value_bits, 2.0, step=step, min_bits=1, max_bits=8, pooled=pooled)
+    budgets = [float(sizes.sum() * (key_bits + value_bits))] if pooled else [float(sizes.sum() * key_bits),
+                                                                             float(sizes.sum() * value_bits)]
+    spents = [float((bits * sizes[:, None]).sum())] if pooled else (bits * sizes[:, None]).sum(0).tolist()
+    for budget, spent in zip(budgets, spents):
+        assert spent <= budget + 1e-6
+        assert budget - spent < step * float(sizes.min()) + 1e-6
     assert bits.min() >= 1 and bits.max() <= 8
 
 
@@ -54,6 +57,12 @@ def test_a_key_value_split_warns_under_the_pooled_budget_and_holds_under_a_unifo
         pooled = layer_bits(calib, resolve_config("max", **split))
     assert pooled != layer_bits(calib, resolve_config("max", layer_budget="uniform", **split))
     assert layer_bits(calib, resolve_config("max", layer_budget="uniform", **split)) == [(3.0, 2.0)] * len(pooled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_kind = layer_bits(calib, resolve_config("max", layer_budget="sensitivity_per_kind", **split))
+    keys, values = zip(*per_kind)
+    assert sum(keys) / len(keys) == 3.0 and sum(values) / len(values) == 2.0  # equal sizes, 2-bit steps fit
+    assert per_kind != pooled
 
 
 def test_a_uniform_width_that_leaves_records_part_empty_warns(tiny_calibrations):
@@ -85,9 +94,36 @@ def test_layer_floor_holds_and_the_budget_is_still_spent(tiny_calibrations):
 
 def test_sensitivity_context_is_a_calibration_option():
     model = tiny_model("llama")
-    x = torch.randint(2, 96, (1, 64), generator=torch.Generator().manual_seed(5))
-    calib = sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=40, pre_rope_keys=True)
-    assert calib.info["sensitivity_tokens"] == [40, 24] and calib.sensitivity.shape == (4, 2)
-    assert sq.calibrate(model, token_ids=x, progress=False).info["sensitivity_tokens"] == [48, 16]
+    x = torch.randint(2, 96, (1, 160), generator=torch.Generator().manual_seed(5))
+    calib = sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=100, pre_rope_keys=True)
+    assert calib.info["sensitivity_tokens"] == [100, 60] and calib.sensitivity.shape == (4, 2)
+    assert sq.calibrate(model, token_ids=x, progress=False).info["sensitivity_tokens"] == [120, 40]
     with pytest.raises(ValueError, match="sensitivity_prefix must be positive"):
         sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=0)
+
+
+def test_rows_too_short_for_sensitivity_warn_and_fall_back_to_a_uniform_budget():
+    # A prefix inside the fp16 window + sinks would measure zero for every layer, and an all-zero
+    # sensitivity would hand the whole budget to layer 0.
+    model = tiny_model("llama")
+    x = torch.randint(2, 96, (1, 160), generator=torch.Generator().manual_seed(5))
+    with pytest.warns(UserWarning, match="too short to measure layer sensitivity"):
+        calib = sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=60)
+    assert calib.sensitivity is None and "sensitivity_tokens" not in calib.info
+    bits = layer_bits(calib, resolve_config("max"))
+    assert len(set(bits)) == 1
+
+
+def test_sensitivity_recall_averages_in_a_row_that_copies_its_opening():
+    from spectralquant.integrations.sensitivity import measure_sensitivity
+
+    model = tiny_model("llama")
+    x = torch.randint(2, 96, (1, 160), generator=torch.Generator().manual_seed(6))
+    # A prefix longer than the default window (64) and sinks, so the probes compress something.
+    calib = sq.calibrate(model, token_ids=x, progress=False, sensitivity_prefix=112, sensitivity_recall=True)
+    assert calib.info["sensitivity_recall"] is True and calib.info["sensitivity_tokens"] == [112, 48]
+    adapter = sq.api._adapter(model)
+    text = measure_sensitivity(adapter, calib, x, 112, progress=False)
+    recall = measure_sensitivity(adapter, calib, torch.cat([x[:, :112], x[:, 1:49]], 1), 112, progress=False)
+    torch.testing.assert_close(calib.sensitivity, (text + recall) / 2, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(text, recall)
