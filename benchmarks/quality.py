@@ -157,6 +157,10 @@ ABLATIONS: dict[str, Ablation] = {
         key_bits=2.0,
         value_bits=2.5,
     ),
+    "key domain per layer (auto)": Ablation(calibration=dict(pre_rope_keys="auto")),
+    "key domain per layer (auto) query-aware keys + sensitivity at 1536 tokens": Ablation(
+        dict(key_attention_aware=True), dict(pre_rope_keys="auto", sensitivity_prefix=1536)
+    ),
     "pre-RoPE query-aware keys + output-aware values": Ablation(
         dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)
     ),

@@ -42,6 +42,18 @@ def _dials(pairs: list[str]) -> dict:
     return out
 
 
+def _key_domain(text: str) -> bool | str | list[int]:
+    """``--pre-rope-keys`` value: ``none``/``all`` (False/True), ``auto``, or ``1,3,5``."""
+    if text in ("none", "all", "auto"):
+        return {"none": False, "all": True}.get(text, text)
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all', 'auto' or comma-separated layer indices, got {text!r}"
+        ) from None
+
+
 def cmd_calibrate(args) -> None:
     import spectralquant as sq
 
@@ -51,9 +63,8 @@ def cmd_calibrate(args) -> None:
         model, tok, texts, seq_len=args.seq_len, max_tokens=args.max_tokens, pre_rope_keys=args.pre_rope_keys
     )
     calib.save(args.out)
-    where = "before" if calib.keys_pre_rope else "after"
     print(f"calibrated {calib.signature.num_layers} layers on {calib.info['tokens']} tokens "
-          f"(keys {where} RoPE) -> {args.out}")
+          f"(keys {calib.key_domain()}) -> {args.out}")
 
 
 def cmd_generate(args) -> None:
@@ -86,7 +97,7 @@ def cmd_inspect(args) -> None:
     codecs = build_codecs(calib, config)
     print(f"model {sig.name or '?'} ({sig.model_type or '?'}): {sig.num_layers} layers, "
           f"KV heads {sorted(set(sig.kv_heads))}, head_dim {sorted(set(sig.head_dims))}; "
-          f"keys {'before' if calib.keys_pre_rope else 'after'} RoPE; {calib.info}")
+          f"keys {calib.key_domain()}; {calib.info}")
     print(f"preset {args.preset}: {config.describe()}")
     print("d_eff = participation ratio / dims holding 90% of variance; widths = count of coordinates per bit width")
     eff = calib.effective_dims()
@@ -121,8 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument(
-        "--pre-rope-keys", action="store_true",
-        help="measure (and later store) keys before RoPE: better quality, slower fused decode on CUDA",
+        "--pre-rope-keys", nargs="?", const="all", default="none", type=_key_domain,
+        help="measure (and later store) keys before RoPE: better quality, slower fused decode on CUDA; "
+             "'all' (the flag alone), 'auto' (per layer, whichever domain measures less sensitive) or "
+             "comma-separated layer indices",
     )
     p.add_argument("--out", required=True, help="where to write the .safetensors calibration")
     p.set_defaults(func=cmd_calibrate)

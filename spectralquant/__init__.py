@@ -8,7 +8,7 @@
 """
 
 from .api import calibrate, compression_stats, is_wrapped, unwrap, wrap
-from .calibration import Calibration, ModelSignature
+from .calibration import Calibration, ModelSignature, merge_key_domains
 from .config import PRESETS, CompressionConfig, describe_presets, resolve_config
 from .quantizer import Quantizer, QuantizerConfig
 
@@ -36,6 +36,7 @@ __all__ = [
     "compression_stats",
     "describe_presets",
     "is_wrapped",
+    "merge_key_domains",
     "resolve_config",
     "unwrap",
     "wrap",

@@ -25,7 +25,9 @@ def calibrate(model: Any, tokenizer: Any = None, texts=None, **options) -> Calib
     also measure per-layer sensitivity), ``sensitivity_prefix`` (512: context before the measured
     tokens), ``sensitivity_recall`` (False: also measure on a row that recalls its own opening),
     ``samples_per_layer``, ``attention_weighted``, ``position_copies``,
-    ``pre_rope_keys`` (False: measure and store keys after RoPE), ``progress``, ``token_ids``.
+    ``pre_rope_keys`` (False: measure and store keys after RoPE; True: before; a list of layers:
+    before RoPE in those; ``"auto"``: per layer, whichever domain measures less sensitive),
+    ``progress``, ``token_ids``.
     """
     from .integrations.calibrate import calibrate_model
 

@@ -6,7 +6,8 @@ File format (version 1): a safetensors file whose tensors are
 optional ``layers.{l}.query.moment`` and ``layers.{l}.{kind}.samples``, and whose string metadata
 holds ``format``, ``format_version``, ``signature`` (JSON), ``counts`` (JSON), ``info`` (JSON) and
 ``sha256`` of all tensor bytes, and ``keys_pre_rope`` (``"1"`` when key statistics were measured
-before RoPE; absent in older files, which are post-RoPE); an optional ``sensitivity [L, 2]``
+before RoPE, ``"0"`` after, or one such digit per layer when the domain differs across layers;
+absent in older files, which are post-RoPE); an optional ``sensitivity [L, 2]``
 tensor holds measured per-layer costs. Loading validates all of it.
 """
 
@@ -145,15 +146,23 @@ class Calibration:
     """Per-layer statistics for a model with the given signature, plus free-form ``info`` (corpus,
     token count, ...) that is saved alongside. ``keys_pre_rope``: key statistics (and the query
     moments that weight them) were measured before RoPE, so caches built from this calibration
-    store keys before RoPE."""
+    store keys before RoPE; a tuple of one flag per layer when the domain differs across layers
+    (see :func:`merge_key_domains`; a tuple whose flags all agree becomes that bool)."""
 
     signature: ModelSignature
     layers: list[LayerCalibration]
     info: dict = field(default_factory=dict)
     sensitivity: torch.Tensor | None = None  # [L, 2]: KL cost of compressing each layer's keys / values
-    keys_pre_rope: bool = False
+    keys_pre_rope: bool | tuple[bool, ...] = False
 
     def __post_init__(self):
+        if isinstance(self.keys_pre_rope, (tuple, list)):
+            flags = tuple(bool(f) for f in self.keys_pre_rope)
+            if len(flags) != self.signature.num_layers:
+                raise ValueError(f"keys_pre_rope lists {len(flags)} layers; the model has {self.signature.num_layers}")
+            self.keys_pre_rope = flags[0] if len(set(flags)) == 1 else flags
+        else:
+            self.keys_pre_rope = bool(self.keys_pre_rope)
         if self.sensitivity is not None:
             self.sensitivity = self.sensitivity.detach().to("cpu", torch.float32).contiguous()
             if self.sensitivity.shape != (self.signature.num_layers, 2):
@@ -171,6 +180,18 @@ class Calibration:
                         f"layer {i} {kind} statistics have {stats.heads} heads of dim {stats.dim}, "
                         f"the signature says {h} heads of dim {d}"
                     )
+
+    def layer_keys_pre_rope(self, layer: int) -> bool:
+        """Whether layer ``layer``'s key statistics were measured before RoPE."""
+        if isinstance(self.keys_pre_rope, tuple):
+            return self.keys_pre_rope[layer]
+        return self.keys_pre_rope
+
+    def key_domain(self) -> str:
+        """``"after RoPE"``, ``"before RoPE"`` or ``"before RoPE in layers [...]"``, for messages."""
+        if isinstance(self.keys_pre_rope, tuple):
+            return f"before RoPE in layers {[i for i, f in enumerate(self.keys_pre_rope) if f]}"
+        return "before RoPE" if self.keys_pre_rope else "after RoPE"
 
     def effective_dims(self, fraction: float = 0.9) -> list[dict[str, torch.Tensor]]:
         """Per layer and kind, d_eff by participation ratio and by the ``fraction`` variance threshold."""
@@ -224,7 +245,9 @@ class Calibration:
             "counts": json.dumps(counts),
             "info": json.dumps(self.info, default=str),
             "sha256": _digest(tensors),
-            "keys_pre_rope": "1" if self.keys_pre_rope else "0",
+            "keys_pre_rope": "".join("1" if self.layer_keys_pre_rope(i) else "0" for i in range(len(self.layers)))
+            if isinstance(self.keys_pre_rope, tuple)
+            else str(int(self.keys_pre_rope)),
         }
         save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -257,13 +280,49 @@ class Calibration:
             info = json.loads(metadata.get("info", "{}"))
             layers = [_read_layer(tensors, i, counts[i]) for i in range(signature.num_layers)]
             pre_rope = metadata.get("keys_pre_rope", "0")
-            if pre_rope not in ("0", "1"):
-                raise ValueError(f"{path!r} has keys_pre_rope={pre_rope!r}; expected '0' or '1'")
-            calib = cls(signature, layers, info, tensors.get("sensitivity"), pre_rope == "1")
+            if pre_rope not in ("0", "1") and (len(pre_rope) != signature.num_layers or set(pre_rope) - {"0", "1"}):
+                raise ValueError(
+                    f"{path!r} has keys_pre_rope={pre_rope!r}; expected '0', '1' or one such digit per layer"
+                )
+            flags = pre_rope == "1" if len(pre_rope) == 1 else tuple(c == "1" for c in pre_rope)
+            calib = cls(signature, layers, info, tensors.get("sensitivity"), flags)
         except (KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path!r} is missing or has malformed calibration entries: {exc!r}") from exc
         _validate(calib, path)
         return calib
+
+
+def merge_key_domains(after: Calibration, before: Calibration, layers: list[int] | tuple[int, ...]) -> Calibration:
+    """One calibration whose ``layers`` take their key statistics, query moments and key
+    sensitivities from ``before`` (keys measured before RoPE) and every other layer from ``after``
+    (keys after RoPE); values, output moments and the rest come from ``after``. Both must be of
+    the same model; caches built from the result store keys before RoPE in ``layers`` only."""
+    mismatch = after.signature.mismatch(before.signature)
+    if mismatch:
+        raise ValueError(f"the two calibrations are of different models: {mismatch}")
+    n = after.signature.num_layers
+    if not all(isinstance(f, bool) for f in (after.keys_pre_rope, before.keys_pre_rope)) or (
+        after.keys_pre_rope or not before.keys_pre_rope
+    ):
+        raise ValueError(
+            f"merge_key_domains needs one calibration with keys after RoPE and one before, got keys "
+            f"{after.key_domain()} and {before.key_domain()}"
+        )
+    chosen = set(int(i) for i in layers)
+    bad = sorted(i for i in chosen if not 0 <= i < n)
+    if bad:
+        raise ValueError(f"layers {bad} are out of range for a {n}-layer model")
+    merged = [
+        LayerCalibration(b.key, a.value, b.query_moment, a.output_moment) if i in chosen else a
+        for i, (a, b) in enumerate(zip(after.layers, before.layers))
+    ]
+    sensitivity = None
+    if after.sensitivity is not None and before.sensitivity is not None:
+        sensitivity = after.sensitivity.clone()
+        for i in chosen:
+            sensitivity[i, 0] = before.sensitivity[i, 0]
+    info = dict(after.info, keys_pre_rope_layers=sorted(chosen))
+    return Calibration(after.signature, merged, info, sensitivity, tuple(i in chosen for i in range(n)))
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -113,7 +113,7 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
                 LayerCodec(
                     baseline_codec(config.method, "key", layer.key, kb, seed=2 * i),
                     baseline_codec(config.method, "value", layer.value, vb, seed=2 * i + 1),
-                    calibration.keys_pre_rope,
+                    calibration.layer_keys_pre_rope(i),
                 )
             )
             continue
@@ -127,5 +127,5 @@ def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[La
                     "recalibrate with this version's sq.calibrate, or set attention_aware=False"
                 )
             pair.append(Quantizer.from_stats(getattr(layer, kind), cfg.with_(bits=bits), 2 * i + j, importance))
-        codecs.append(LayerCodec(*pair, calibration.keys_pre_rope))
+        codecs.append(LayerCodec(*pair, calibration.layer_keys_pre_rope(i)))
     return codecs

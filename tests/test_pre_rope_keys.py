@@ -187,3 +187,78 @@ def test_rope_tables_are_the_models_own(family):
         for got, ref in zip(table(positions), want):
             assert torch.equal(got, ref)
 
+
+
+def test_merged_key_domains_take_each_layer_from_its_calibration(tmp_path, pre_rope_calibrations, tiny_calibrations):
+    after, before = tiny_calibrations("llama"), pre_rope_calibrations("llama")
+    merged = sq.merge_key_domains(after, before, [1, 3])
+    assert merged.keys_pre_rope == (False, True, False, True)
+    assert merged.key_domain() == "before RoPE in layers [1, 3]"
+    merged.save(tmp_path / "m.safetensors")
+    loaded = Calibration.load(tmp_path / "m.safetensors")
+    assert loaded.keys_pre_rope == merged.keys_pre_rope
+    # Merging every layer (or none) is a plain calibration of one domain.
+    assert sq.merge_key_domains(after, before, range(4)).keys_pre_rope is True
+    assert sq.merge_key_domains(after, before, []).keys_pre_rope is False
+    config = CompressionConfig()
+    codecs = build_codecs(loaded, config)
+    pure = {False: build_codecs(after, config), True: build_codecs(before, config)}
+    for i, codec in enumerate(codecs):
+        source = pure[i in (1, 3)][i]
+        assert codec.keys_pre_rope == (i in (1, 3))
+        assert torch.equal(codec.key.basis, source.key.basis) and torch.equal(codec.value.basis, source.value.basis)
+    # The same key/value states through the three caches: each merged layer stores and reads keys
+    # exactly as the calibration it came from.
+    model = tiny_model("llama")
+    windows, ropes = find_adapter(model).sliding_windows(), find_adapter(model).rope_tables()
+    cfg = CompressionConfig(window=4, chunk=2)
+    from spectralquant.integrations.hf_cache import SpectralQuantCache
+
+    caches = {name: SpectralQuantCache(c, cfg, windows, ropes=ropes) for name, c in
+              (("merged", codecs), (False, pure[False]), (True, pure[True]))}
+    g = torch.Generator().manual_seed(3)
+    for i in range(4):
+        k, v = torch.randn(1, 2, 25, 16, generator=g), torch.randn(1, 2, 25, 16, generator=g)
+        for cache in caches.values():
+            cache.update(k[:, :, :24], v[:, :, :24], i)  # the prefill attends to itself exactly
+        outs = {name: cache.update(k[:, :, 24:], v[:, :, 24:], i) for name, cache in caches.items()}
+        for part in range(2):
+            assert torch.equal(outs["merged"][part], outs[i in (1, 3)][part])
+        assert not torch.allclose(outs[False][0], outs[True][0], atol=1e-3)
+
+
+def test_merging_key_domains_rejects_bad_inputs(tmp_path, pre_rope_calibrations, tiny_calibrations):
+    after, before = tiny_calibrations("llama"), pre_rope_calibrations("llama")
+    with pytest.raises(ValueError, match="one calibration with keys after RoPE and one before"):
+        sq.merge_key_domains(after, after, [1])
+    with pytest.raises(ValueError, match="out of range"):
+        sq.merge_key_domains(after, before, [4])
+    with pytest.raises(ValueError, match="different models"):
+        sq.merge_key_domains(after, pre_rope_calibrations("qwen2"), [1])
+    with pytest.raises(ValueError, match="lists 3 layers"):
+        Calibration(after.signature, after.layers, keys_pre_rope=(True, False, True))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="pre_rope_keys must be"):
+        sq.calibrate(model, token_ids=ids(1, 16), sensitivity=False, progress=False, pre_rope_keys="some")
+    with pytest.raises(ValueError, match="chooses each layer's key domain by measured sensitivity"):
+        sq.calibrate(model, token_ids=ids(1, 16), sensitivity=False, progress=False, pre_rope_keys="auto")
+
+
+def test_auto_key_domains_pick_the_less_sensitive_domain_per_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():  # at its initial scale the tiny model's logits barely depend on attention
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(20)
+    x = ids(1, 160)
+    options = dict(token_ids=x, progress=False, sensitivity_prefix=112)
+    after = sq.calibrate(model, pre_rope_keys=False, **options)
+    before = sq.calibrate(model, pre_rope_keys=True, **options)
+    auto = sq.calibrate(model, pre_rope_keys="auto", **options)
+    expected = tuple(bool(b < a) for a, b in zip(after.sensitivity[:, 0], before.sensitivity[:, 0]))
+    assert auto.keys_pre_rope == (expected[0] if len(set(expected)) == 1 else expected)
+    assert torch.equal(auto.sensitivity[:, 0], torch.minimum(after.sensitivity[:, 0], before.sensitivity[:, 0]))
+    assert torch.equal(auto.sensitivity[:, 1], after.sensitivity[:, 1])
+    listed = sq.calibrate(model, pre_rope_keys=[0, 2], **options)
+    assert listed.keys_pre_rope == (True, False, True, False) and listed.sensitivity.shape == (4, 2)
+    assert torch.equal(listed.layers[0].key.eigenvectors, before.layers[0].key.eigenvectors)
+    assert torch.equal(listed.layers[1].key.eigenvectors, after.layers[1].key.eigenvectors)

@@ -141,3 +141,9 @@ def test_cli_calibrates_keys_before_rope_on_request(smollm2, tmp_path, capsys, m
     monkeypatch.setattr(sq, "calibrate", fake_calibrate)
     cli_main(["calibrate", "--pre-rope-keys", "--out", str(tmp_path / "c.safetensors")])
     assert seen["pre_rope_keys"] is True and "keys after RoPE" in capsys.readouterr().out
+    for flag, expected in ((["--pre-rope-keys", "auto"], "auto"), (["--pre-rope-keys", "1,3"], [1, 3]), ([], False)):
+        cli_main(["calibrate", *flag, "--out", str(tmp_path / "c.safetensors")])
+        assert seen["pre_rope_keys"] == expected
+    with pytest.raises(SystemExit):
+        cli_main(["calibrate", "--pre-rope-keys", "some", "--out", str(tmp_path / "c.safetensors")])
+    assert "comma-separated layer indices" in capsys.readouterr().err
