@@ -19,7 +19,8 @@ Prints a table, writes JSON and a PNG (ratio against perplexity change and KL, o
 
 ``--bits`` applies to every method that can store it (KIVI and INT take whole bits, FP8 only 8);
 ``--method-bits name=b1,b2`` adds or replaces one method's budgets. ``--pre-rope-keys`` runs the
-SpectralQuant rows on a calibration of keys before RoPE (``sq.calibrate(..., pre_rope_keys=True)``).
+SpectralQuant rows on a calibration of keys before RoPE (``sq.calibrate(..., pre_rope_keys=True)``;
+``--pre-rope-keys auto``: before or after RoPE per layer, ``pre_rope_keys="auto"``).
 ``--replot A.json B.json --out P`` draws the rows of earlier runs in one plot, running nothing.
 
 ``--ablations all`` (or a comma list of names from ``ABLATIONS``) instead measures SpectralQuant at
@@ -400,8 +401,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ablation-bits", type=float, default=2.25, help="budget of the ablation rows")
     p.add_argument("--calibration", default=None, help="calibration file (default: calibrate once, cache)")
     p.add_argument(
-        "--pre-rope-keys", action="store_true",
-        help="SpectralQuant rows use a calibration of keys before RoPE (baselines keep theirs after RoPE)",
+        "--pre-rope-keys", nargs="?", const="all", default=None, choices=("all", "auto"),
+        help="SpectralQuant rows use a calibration of keys before RoPE ('all', the flag alone) or, with "
+             "'auto', before or after RoPE per layer (baselines keep theirs after RoPE)",
     )
     p.add_argument("--out", default=None, help="output prefix for .json and .png")
     p.add_argument("--replot", nargs="+", default=None, metavar="JSON",
@@ -429,10 +431,14 @@ def budgets(args) -> list[tuple[str, float]]:
 def runs(args, model, tok, calib: Calibration):
     """``(row metadata, sq.wrap options, calibration)`` for every row asked for."""
     if not args.ablations:
-        pre = load_calibration(model, tok, args.model, None, pre_rope_keys=True) if args.pre_rope_keys else None
+        pre = None
+        if args.pre_rope_keys:
+            domain = True if args.pre_rope_keys == "all" else "auto"
+            pre = load_calibration(model, tok, args.model, None, pre_rope_keys=domain)
+            variant = "pre-RoPE keys" if domain is True else "key domain per layer (auto)"
         for method, bits in budgets(args):
             if pre is not None and method == "spectralquant":
-                yield dict(method=method, bits=bits, variant="pre-RoPE keys"), dict(method=method, bits=bits), pre
+                yield dict(method=method, bits=bits, variant=variant), dict(method=method, bits=bits), pre
             else:
                 yield dict(method=method, bits=bits), dict(method=method, bits=bits), calib
         return
