@@ -5,7 +5,8 @@ Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), batch 1/
 time of bf16 ``scaled_dot_product_attention`` (GQA) vs the fused decode attention, bytes each must
 read, achieved bandwidth against a measured device copy, the record layout against the plain
 coordinate-order layout, encode throughput and encode time for a 32k prefill against that
-prefill's attention, and an end-to-end decode of a Llama-8B-shaped model with random weights.
+prefill's attention, and an end-to-end decode of a Llama-8B-shaped model with random weights (also
+with keys stored before RoPE in all or most layers, section ``e2e_rope``).
 
 Timings: each input set is called once inside a CUDA graph that cycles through several input sets
 (so the cache does not hold them), the graph is replayed many times after warm-up, and the median
@@ -334,15 +335,16 @@ def encode_benchmark(args, log) -> list[dict]:
 CONTEXT_E2E = 32768
 
 
-def synthetic_calibration(layers: int):
-    """A Llama-8B-shaped calibration (8 KV heads, head_dim 128) from anisotropic Gaussians."""
+def synthetic_calibration(layers: int, keys_pre_rope: bool | tuple[bool, ...] = False):
+    """A Llama-8B-shaped calibration (8 KV heads, head_dim 128) from anisotropic Gaussians, its keys
+    taken as ``keys_pre_rope`` says (one flag, or one per layer)."""
     from spectralquant.calibration import Calibration, LayerCalibration, ModelSignature
     from spectralquant.synthetic import anisotropic_gaussian
 
     _, keys = anisotropic_gaussian(8, HKV, DIM, seed=0)
     _, values = anisotropic_gaussian(8, HKV, DIM, seed=1)
     signature = ModelSignature(layers, [HKV] * layers, [DIM] * layers, model_type="llama")
-    return Calibration(signature, [LayerCalibration(keys, values) for _ in range(layers)])
+    return Calibration(signature, [LayerCalibration(keys, values) for _ in range(layers)], keys_pre_rope=keys_pre_rope)
 
 
 def sync() -> None:
@@ -399,15 +401,9 @@ def decode_rate(model, cache, batch: int, context: int, steps: int = 40, warmup:
     return batch * steps / (time.time() - start)
 
 
-def end_to_end(layers: int, log) -> dict:
-    """Decode tokens/s of a Llama-8B-shaped model (random bf16 weights) at 32k context: FP16
-    DynamicCache vs the fused compressed cache at the same batch, and the largest batch whose cache
-    fits in the same GPU memory for each (computed from the bytes each holds per sequence, then
-    checked by running decode steps at that batch)."""
-    from spectralquant.adapters import find_adapter
+def llama_8b_shaped(layers: int):
+    """A Llama-3-8B-shaped causal LM with random bf16 weights on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import spectralquant as sq
 
     config = LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
@@ -418,6 +414,48 @@ def end_to_end(layers: int, log) -> dict:
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
+    return model
+
+
+def end_to_end_key_domains(layers: int, log) -> dict:
+    """Decode tokens/s at batch 8, 32k context of the Llama-8B-shaped model with the ``max`` cache
+    (fused), keys stored after RoPE in every layer, before RoPE in every layer except 3-10 (the
+    share ``pre_rope_keys="auto"`` chose on SmolLM2), and before RoPE in every layer."""
+    from spectralquant.adapters import find_adapter
+
+    import spectralquant as sq
+
+    model = llama_8b_shaped(layers)
+    batch, out = 8, {}
+    domains = {
+        "after RoPE": False,
+        "before RoPE except layers 3-10": tuple(i not in range(3, 11) for i in range(layers)),
+        "before RoPE": True,
+    }
+    for name, flags in domains.items():
+        sq.wrap(model, synthetic_calibration(layers, flags), preset="max", fused=True)
+        cache = find_adapter(model).state().make_cache()
+        fill_compressed(cache, batch, CONTEXT_E2E)
+        rate = decode_rate(model, cache, batch, CONTEXT_E2E)
+        before = sum(layer.rope is not None for layer in cache.layers)
+        out[name] = dict(tokens_per_s=rate, layers_before_rope=before)
+        log(f"  keys {name} ({before} of {layers} layers before RoPE), batch {batch}: {rate:.0f} tokens/s")
+        del cache
+        sq.unwrap(model)
+        torch.cuda.empty_cache()
+    return out
+
+
+def end_to_end(layers: int, log) -> dict:
+    """Decode tokens/s of a Llama-8B-shaped model (random bf16 weights) at 32k context: FP16
+    DynamicCache vs the fused compressed cache at the same batch, and the largest batch whose cache
+    fits in the same GPU memory for each (computed from the bytes each holds per sequence, then
+    checked by running decode steps at that batch)."""
+    from spectralquant.adapters import find_adapter
+
+    import spectralquant as sq
+
+    model = llama_8b_shaped(layers)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     total = torch.cuda.get_device_properties(0).total_memory
     out = dict(layers=layers, context=CONTEXT_E2E, weights_GiB=weights / 2**30, total_GiB=total / 2**30)
@@ -492,7 +530,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument(
-        "--sections", nargs="+", default=["tune", "attention", "codebook", "rope", "layout", "encode", "e2e"]
+        "--sections", nargs="+",
+        default=["tune", "attention", "codebook", "rope", "layout", "encode", "e2e", "e2e_rope"],
     )
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")
@@ -533,6 +572,7 @@ def main() -> None:
         ("layout", lambda: layout_comparison(args, budget, log)),
         ("encode", lambda: encode_benchmark(args, log)),
         ("e2e", lambda: end_to_end(args.e2e_layers, log)),
+        ("e2e_rope", lambda: end_to_end_key_domains(args.e2e_layers, log)),
     ]
     for name, fn in sections:
         if name not in args.sections:

@@ -186,9 +186,11 @@ def test_generation_with_fused_kernels_matches_the_reference_path(family, tiny_c
             assert float(top2[0] - top2[1]) < 2e-2 * scale, f"row {row} diverged at step {until} without a near-tie"
 
 
-def test_decoding_with_keys_before_rope_through_the_kernel_matches_the_reference_path():
-    """A model with head_dim 32 and a calibration before RoPE: fused decoding (the kernel's RoPE
-    path) gives the logits of the unfused path (transient dequantize, RoPE applied in PyTorch)."""
+@pytest.mark.parametrize("domain", [True, [1, 3]])
+def test_decoding_with_keys_before_rope_through_the_kernel_matches_the_reference_path(domain):
+    """A model with head_dim 32 and a calibration before RoPE (in every layer, or in layers 1 and 3
+    only): fused decoding (the kernel's RoPE path where keys are before RoPE) gives the logits of
+    the unfused path (transient dequantize, RoPE applied in PyTorch)."""
     import transformers as tf
     from conftest import TINY_COMMON
     from spectralquant.adapters import find_adapter
@@ -200,17 +202,19 @@ def test_decoding_with_keys_before_rope_through_the_kernel_matches_the_reference
     config = tf.LlamaConfig(**{**TINY_COMMON, "head_dim": 32, "num_attention_heads": 4})
     model = tf.LlamaForCausalLM(config).eval().cuda()
     x = torch.randint(2, 96, (2, 60), generator=torch.Generator().manual_seed(3)).cuda()
-    calib = sq.calibrate(model, token_ids=x.cpu(), sensitivity=False, progress=False, pre_rope_keys=True)
+    calib = sq.calibrate(model, token_ids=x.cpu(), sensitivity=False, progress=False, pre_rope_keys=domain)
     logits = []
     for fused in (True, False):
         sq.wrap(model, calib, bits=4, window=8, chunk=4, sinks=2, fused=fused)
         with torch.no_grad():
             out = model(x[:, :48], use_cache=True)
             steps = [model(x[:, t : t + 1], past_key_values=out.past_key_values).logits for t in range(48, 60)]
-        view = find_adapter(model).state().last_cache.layers[0].snapshot()
+        views = [layer.snapshot() for layer in find_adapter(model).state().last_cache.layers]
         sq.unwrap(model)
         logits.append(torch.cat(steps, 1))
     q = torch.zeros(2, 4, 1, 32, device="cuda")
-    assert view.key_rope is not None and view.compressed_length > 0
+    assert [v.key_rope is not None for v in views] == [domain is True or i in domain for i in range(4)]
+    view = views[1]
+    assert view.compressed_length > 0
     assert attention_unsupported_reason(q, view) is None
     assert rel(logits[0], logits[1]) < 1e-2
