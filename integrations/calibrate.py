@@ -54,43 +54,36 @@ def calibrate_model(
         raise ValueError(f"sensitivity_prefix must be positive, got {sensitivity_prefix}")
     rows = _sensitivity_rows(token_ids, sensitivity_prefix, sensitivity_recall) if sensitivity else None
 
-    def calibrated(pre: bool, measure: bool) -> Calibration:
-        calibration = adapter.calibrate(token_ids=token_ids, progress=progress, pre_rope_keys=pre, **options)
-        if measure and rows is not None:
+    def calibrated(pre: bool) -> Calibration:
+        return adapter.calibrate(token_ids=token_ids, progress=progress, pre_rope_keys=pre, **options)
+
+    def with_sensitivity(calibration: Calibration) -> Calibration:
+        if rows is not None:
             row, prefix = rows
             calibration.sensitivity = measure_sensitivity(
                 adapter, calibration, row, prefix, probe_bits=SENSITIVITY_BITS, progress=progress
             )
-            calibration.info["sensitivity_bits"] = SENSITIVITY_BITS
-            calibration.info["sensitivity_tokens"] = [prefix, int(row.shape[1] - prefix)]
-            calibration.info["sensitivity_recall"] = bool(sensitivity_recall)
+            calibration.info.update(
+                sensitivity_bits=SENSITIVITY_BITS,
+                sensitivity_tokens=[prefix, int(row.shape[1] - prefix)],
+                sensitivity_recall=bool(sensitivity_recall),
+            )
         return calibration
 
     if isinstance(pre_rope_keys, bool):
-        return calibrated(pre_rope_keys, True)
+        return with_sensitivity(calibrated(pre_rope_keys))
     if pre_rope_keys == "auto":
         if rows is None:
             raise ValueError(
                 "pre_rope_keys='auto' chooses each layer's key domain by measured sensitivity: calibrate with "
                 "sensitivity=True on rows long enough to measure it, or give the layers as a list"
             )
-        after, before = calibrated(False, True), calibrated(True, True)
+        after, before = with_sensitivity(calibrated(False)), with_sensitivity(calibrated(True))
         layers = [i for i in range(after.signature.num_layers) if before.sensitivity[i, 0] < after.sensitivity[i, 0]]
         return merge_key_domains(after, before, layers)
     if not isinstance(pre_rope_keys, (list, tuple)) or not all(isinstance(i, int) for i in pre_rope_keys):
         raise ValueError(f"pre_rope_keys must be True, False, 'auto' or a list of layer indices, got {pre_rope_keys!r}")
-    merged = merge_key_domains(calibrated(False, False), calibrated(True, False), list(pre_rope_keys))
-    if rows is not None:
-        row, prefix = rows
-        merged.sensitivity = measure_sensitivity(
-            adapter, merged, row, prefix, probe_bits=SENSITIVITY_BITS, progress=progress
-        )
-        merged.info.update(
-            sensitivity_bits=SENSITIVITY_BITS,
-            sensitivity_tokens=[prefix, int(row.shape[1] - prefix)],
-            sensitivity_recall=bool(sensitivity_recall),
-        )
-    return merged
+    return with_sensitivity(merge_key_domains(calibrated(False), calibrated(True), list(pre_rope_keys)))
 
 
 def _sensitivity_rows(token_ids: torch.Tensor, prefix: int, recall: bool) -> tuple[torch.Tensor, int] | None:

@@ -301,9 +301,7 @@ def merge_key_domains(after: Calibration, before: Calibration, layers: list[int]
     if mismatch:
         raise ValueError(f"the two calibrations are of different models: {mismatch}")
     n = after.signature.num_layers
-    if not all(isinstance(f, bool) for f in (after.keys_pre_rope, before.keys_pre_rope)) or (
-        after.keys_pre_rope or not before.keys_pre_rope
-    ):
+    if after.keys_pre_rope is not False or before.keys_pre_rope is not True:
         raise ValueError(
             f"merge_key_domains needs one calibration with keys after RoPE and one before, got keys "
             f"{after.key_domain()} and {before.key_domain()}"
