@@ -245,7 +245,7 @@ class Calibration:
             "counts": json.dumps(counts),
             "info": json.dumps(self.info, default=str),
             "sha256": _digest(tensors),
-            "keys_pre_rope": "".join("1" if self.layer_keys_pre_rope(i) else "0" for i in range(len(self.layers)))
+            "keys_pre_rope": "".join(str(int(f)) for f in self.keys_pre_rope)
             if isinstance(self.keys_pre_rope, tuple)
             else str(int(self.keys_pre_rope)),
         }
