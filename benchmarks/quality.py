@@ -162,6 +162,13 @@ ABLATIONS: dict[str, Ablation] = {
     "key domain per layer (auto) query-aware keys + sensitivity at 1536 tokens": Ablation(
         dict(key_attention_aware=True), dict(pre_rope_keys="auto", sensitivity_prefix=1536)
     ),
+    # Fewer fp16 window tokens buy more bits for the history at the same bytes (run at 2.375 bits).
+    "key domain per layer (auto) query-aware keys + window 32": Ablation(
+        dict(key_attention_aware=True, window=32), dict(pre_rope_keys="auto")
+    ),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens + window 32": Ablation(
+        dict(key_attention_aware=True, window=32), dict(pre_rope_keys=True, sensitivity_prefix=1536)
+    ),
     "pre-RoPE query-aware keys + output-aware values": Ablation(
         dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)
     ),
