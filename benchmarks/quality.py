@@ -169,6 +169,16 @@ ABLATIONS: dict[str, Ablation] = {
     "pre-RoPE query-aware keys + sensitivity at 1536 tokens + window 32": Ablation(
         dict(key_attention_aware=True, window=32), dict(pre_rope_keys=True, sensitivity_prefix=1536)
     ),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens + values Hadamard uniform bits": Ablation(
+        dict(key_attention_aware=True, value_rotation="hadamard", value_allocation="uniform"),
+        dict(pre_rope_keys=True, sensitivity_prefix=1536),
+    ),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens + values uniform bits": Ablation(
+        dict(key_attention_aware=True, value_allocation="uniform"), dict(pre_rope_keys=True, sensitivity_prefix=1536)
+    ),
+    "pre-RoPE query-aware keys + sensitivity at 1536 tokens + values at least 1 bit per coordinate": Ablation(
+        dict(key_attention_aware=True, value_min_bits=1), dict(pre_rope_keys=True, sensitivity_prefix=1536)
+    ),
     "pre-RoPE query-aware keys + output-aware values": Ablation(
         dict(key_attention_aware=True, value_attention_aware=True), dict(pre_rope_keys=True)
     ),
