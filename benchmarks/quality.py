@@ -257,10 +257,11 @@ def answer_logprob(model, last: torch.Tensor, cache, answer: torch.Tensor) -> fl
 def passkey_accuracy(model, tok, make_cache: Callable, lengths, depths, chunk: int) -> dict[str, dict[str, float]]:
     """Per length: ``accuracy``, the fraction of (depth) trials whose greedy answer contains the
     key, and ``logprob``, the mean over trials of the key's teacher-forced log-probability (nats;
-    a margin that a pass/fail count hides). Both read one prefill per trial (the cache is copied)."""
+    a margin that a pass/fail count hides; ``logprobs`` per trial). Both read one prefill per
+    trial (the cache is copied)."""
     result = {}
     for length in lengths:
-        hits, logprob = 0, 0.0
+        hits, logprobs = 0, []
         for i, depth in enumerate(depths):
             key = 10000 + (7919 * (i + 1) * length) % 90000
             ids = passkey_prompt(tok, length, depth, key)
@@ -270,8 +271,8 @@ def passkey_accuracy(model, tok, make_cache: Callable, lengths, depths, chunk: i
             answer = tok.decode(continue_greedy(model, last, cache, 7))
             hits += str(key) in answer.replace(" ", "")
             key_ids = tok(f" {key}", return_tensors="pt", add_special_tokens=False).input_ids
-            logprob += answer_logprob(model, last, snapshot, key_ids)
-        result[str(length)] = dict(accuracy=hits / len(depths), logprob=logprob / len(depths))
+            logprobs.append(answer_logprob(model, last, snapshot, key_ids))
+        result[str(length)] = dict(accuracy=hits / len(depths), logprob=sum(logprobs) / len(depths), logprobs=logprobs)
     return result
 
 
