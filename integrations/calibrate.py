@@ -12,7 +12,7 @@ from spectralquant.adapters.hf_causal_lm import HFCausalLMAdapter, tokenize_for_
 from spectralquant.calibration import Calibration, merge_key_domains
 from spectralquant.config import resolve_config
 
-from .sensitivity import measure_sensitivity
+from .sensitivity import PROBE_BASE, measure_sensitivity
 
 SENSITIVITY_PREFIX = 512
 SENSITIVITY_SUFFIX = 128
@@ -91,7 +91,7 @@ def _sensitivity_rows(token_ids: torch.Tensor, prefix: int, recall: bool) -> tup
     warning) when the rows are too short for that."""
     length = token_ids.shape[1]
     prefix = min(prefix, (3 * length) // 4)
-    probe = resolve_config("standard")
+    probe = resolve_config(PROBE_BASE)
     if prefix <= probe.window + probe.sinks:
         # Every probe would keep the whole prefix exact and measure zero for every layer.
         warnings.warn(

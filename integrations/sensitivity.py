@@ -22,6 +22,8 @@ from spectralquant.metrics import kl_divergence
 
 from .hf_cache import SpectralQuantCache
 
+PROBE_BASE = "standard"  # the preset whose cache settings (fp16 window, sinks) the probes run with
+
 
 @torch.inference_mode()
 def measure_sensitivity(
@@ -40,7 +42,7 @@ def measure_sensitivity(
     n_layers = calibration.signature.num_layers
     if not 0 < prefix < token_ids.shape[1]:
         raise ValueError(f"prefix must be inside the {token_ids.shape[1]}-token rows, got {prefix}")
-    base = base or resolve_config("standard")
+    base = base or resolve_config(PROBE_BASE)
     windows, ropes = adapter.sliding_windows(), adapter.rope_tables()
     device = next(model.parameters()).device
     total = torch.zeros(n_layers, 2)
