@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -24,7 +26,8 @@ from spectralquant.kernels.triton_attention import (  # noqa: E402
     attention_unsupported_reason,
     compressed_attention_triton,
 )
-from spectralquant.kernels.triton_codec import decode, encode  # noqa: E402
+from spectralquant.codebook import MAX_BITS, gaussian_poly_coeffs, poly_basis  # noqa: E402
+from spectralquant.kernels.triton_codec import decode, encode, poly_codes  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
 from spectralquant.quantizer import Encoded  # noqa: E402
 from spectralquant.rope import LinearRope  # noqa: E402
@@ -102,6 +105,36 @@ def test_poly_tables_reproduce_the_unit_levels(bits):
         horner = y * (a1 + y * y * (a3 + y * y * a5))  # the kernels' form
         assert torch.allclose(torch.where(ok, horner, 0), torch.where(ok, want, 0), rtol=0, atol=1e-6)
     assert poly_tables(random_quantizer(1, 16, 2, codebook="gaussian")) is None
+
+
+@triton.jit
+def _poly_codes_kernel(U, OUT, n, top, s, h, a1, a3, a5, TERMS: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    u = tl.load(U + i, mask=i < n, other=0.0)
+    tl.store(OUT + i, poly_codes(u, top, s, h, a1, a3, a5, TERMS), mask=i < n)
+
+
+@pytest.mark.parametrize("terms", [1, 3])
+def test_computed_polynomial_codes_match_the_boundary_search(terms):
+    # The encode kernel inverts the level polynomial instead of searching the boundary table; for
+    # every width, codes must equal the search's except within rounding of a boundary.
+    u = torch.cat([torch.linspace(-14, 14, 40001), torch.tensor([0.0, -0.0, 1e4, -1e4, 1e30, -1e30])])
+    for b in range(1, MAX_BITS + 1):
+        c = gaussian_poly_coeffs(b, terms).float()
+        levels = poly_basis(b).float() @ c  # as Quantizer.from_stats builds poly levels
+        bounds = 0.5 * (levels[1:] + levels[:-1])
+        want = torch.searchsorted(bounds, u)
+        s = 2.0 ** -(b - 1)
+        coeffs = (c[0] / s, c[1] / s**3, c[2] / s**5) if terms == 3 else (c[0] / s, 0.0, 0.0)
+        got = torch.empty(u.numel(), dtype=torch.int32, device=DEVICE)
+        _poly_codes_kernel[(triton.cdiv(u.numel(), 1024),)](
+            u.to(DEVICE), got, u.numel(), float(2**b - 1), s, s * (2**b - 1) / 2, *map(float, coeffs),
+            TERMS=terms, BLOCK=1024,
+        )
+        got = got.cpu().long()
+        near = (u[:, None] - bounds[None, :]).abs().min(1).values <= 1e-5 * u.abs().clamp_min(1)
+        assert ((got != want) & ~near).sum() == 0, f"{b} bits: codes differ away from a boundary"
+        assert (got - want).abs().max() <= 1
 
 
 def test_poly_terms_tell_linear_from_quintic_codebooks():

@@ -17,6 +17,9 @@ from ..quantizer import Encoded, Quantizer
 from .tables import KernelTables, tables_of
 
 BLOCK_N = 32  # vectors per program
+# Encode warps: the computed polynomial search needs the registers of 8 (4 spill: twice as slow on
+# the H100), the table search is fastest with 4.
+ENCODE_WARPS = dict(poly=8, table=4)
 CHUNK = 32  # rotation is done in chunks of this many input coordinates
 
 
@@ -93,6 +96,39 @@ def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr, TERMS: tl.constexpr)
 
 
 @triton.jit
+def poly_codes(u, top, s, h, a1, a3, a5, TERMS: tl.constexpr):
+    """Codes (int32) of unit values ``u`` under polynomial codebooks of ``TERMS`` odd terms with
+    ``top = 2**b - 1``: the index of the nearest level, as the boundary search finds it, without a
+    table. The level curve ``y * (a1 + y2 * (a3 + y2 * a5))`` (``y = code * s - h``) is inverted by
+    two Newton steps from ``u / a1`` (within one code of the answer for every width, measured over
+    ``|u| <= 12``; beyond that ``y`` is clamped to the end levels), then one step to a neighbour
+    settles it against the midpoints between levels. NaN gives code 0 (as the table search does)."""
+    # Reciprocals of the per-coordinate [1, D] rows, and fast divisions elsewhere: IEEE divisions
+    # per element cost more than the rest of the search.
+    y = tl.minimum(tl.maximum(u * (1.0 / tl.where(a1 > 0, a1, 1.0)), -h), h)
+    if TERMS == 3:
+        for _ in tl.static_range(2):
+            y2 = y * y
+            f = y * (a1 + y2 * (a3 + y2 * a5)) - u
+            slope = a1 + y2 * (3.0 * a3 + 5.0 * a5 * y2)  # 0 only for 0-bit coordinates (h = 0)
+            y = tl.minimum(tl.maximum(y - tl.fdiv(f, tl.where(slope > 0, slope, 1.0)), -h), h)
+    code = tl.minimum(tl.maximum(tl.floor((y + h) * (1.0 / s) + 0.5), 0.0), top)
+    level = poly_levels_at(code, s, h, a1, a3, a5)
+    up = 0.5 * (level + poly_levels_at(code + 1.0, s, h, a1, a3, a5))
+    down = 0.5 * (level + poly_levels_at(code - 1.0, s, h, a1, a3, a5))
+    code += ((code < top) & (u > up)).to(tl.float32) - ((code > 0) & (u <= down)).to(tl.float32)
+    return tl.where(u == u, code, 0.0).to(tl.int32)
+
+
+@triton.jit
+def poly_levels_at(code, s, h, a1, a3, a5):
+    """Float32 levels at float codes ``code`` (the polynomial of :func:`poly_codes`)."""
+    y = code * s - h
+    y2 = y * y
+    return y * (a1 + y2 * (a3 + y2 * a5))
+
+
+@triton.jit
 def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, s, h, a1, a3, a5, NU: tl.constexpr,
                 S: tl.constexpr, ALIGNED: tl.constexpr, CROSSES: tl.constexpr, POLY: tl.constexpr,
                 F16: tl.constexpr):
@@ -137,11 +173,11 @@ def load_poly(poly_ptr, NU: tl.constexpr, S: tl.constexpr, POLY: tl.constexpr, F
 
 @triton.jit
 def _encode_kernel(
-    X, sxn, sxh, BASIS, MEAN, SIGMA, NORM_REF, BOUNDS, UWORD, USHIFT, SSHIFT, SMASK,
+    X, sxn, sxh, BASIS, MEAN, SIGMA, NORM_REF, BOUNDS, POLY, UWORD, USHIFT, SSHIFT, SMASK,
     REC, srn, srh, SCALES, ssn, n_vectors,
     LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
-    NWP: tl.constexpr, MAXW: tl.constexpr, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr, BN: tl.constexpr,
-    KC: tl.constexpr,
+    NWP: tl.constexpr, MAXW: tl.constexpr, IS_POLY: tl.constexpr, ALIGNED: tl.constexpr, SCALED: tl.constexpr,
+    LOG_SCALE: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
 ):
     h = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -158,30 +194,44 @@ def _encode_kernel(
         scale = scale_to_stored(tl.sqrt(tl.sum(z * z, 1)) / tl.load(NORM_REF + h), LOG_SCALE)
         tl.store(SCALES + n64 * ssn + h, scale, mask=n_ok)
         s = stored_to_scale(scale, LOG_SCALE)[:, None]
-        z = tl.where(s > 0, z / tl.maximum(s, 1e-30), 0.0)
+        # Multiplying by reciprocals (of [BN] scales and [D] sigmas) instead of dividing every
+        # element: a code may move by one where u sits within an ulp of a boundary.
+        z = z * tl.where(s > 0, 1.0 / tl.maximum(s, 1e-30), 0.0)
     sigma = tl.load(SIGMA + h * D + p)[None, :]
-    u = tl.where(sigma > 0, z / tl.maximum(sigma, 1e-30), 0.0)
-    # Boundary search in each coordinate's own codebook: code = number of boundaries below u.
+    u = z * tl.where(sigma > 0, 1.0 / tl.maximum(sigma, 1e-30), 0.0)
     count = tl.load(SMASK + h * D + p)[None, :]  # a b-bit codebook has 2**b - 1 boundaries
-    code = tl.zeros((BN, D), tl.int32)
-    for b in tl.static_range(MAXW - 1, -1, -1):
-        cand = code + (1 << b)
-        ok = (cand <= count) & n_ok[:, None]
-        bound = tl.load(BOUNDS + h * LUT + count + cand, mask=ok, other=0.0)
-        code = tl.where(ok & (bound < u), cand, code)
-    # Pack: a unit ORs its codes at their slot shifts; units land at their bit offsets.
+    if IS_POLY:
+        # Computed (scattered table loads were a third of the kernel's time on the H100).
+        row = POLY + h * 5 * D + p
+        code = poly_codes(u, count.to(tl.float32), tl.load(row)[None, :], tl.load(row + D)[None, :],
+                          tl.load(row + 2 * D)[None, :], tl.load(row + 3 * D)[None, :], tl.load(row + 4 * D)[None, :],
+                          IS_POLY)
+    else:
+        # Boundary search in each coordinate's own codebook: code = number of boundaries below u.
+        code = tl.zeros((BN, D), tl.int32)
+        for b in tl.static_range(MAXW - 1, -1, -1):
+            cand = code + (1 << b)
+            ok = (cand <= count) & n_ok[:, None]
+            bound = tl.load(BOUNDS + h * LUT + count + cand, mask=ok, other=0.0)
+            code = tl.where(ok & (bound < u), cand, code)
+    # Pack: a unit (at most 32 bits) sums its codes at their slot shifts (the bits are disjoint).
     j = tl.arange(0, NU)
-    slot_shift = tl.load(SSHIFT + h * D + j[:, None] * S + tl.arange(0, S)[None, :]).to(tl.int64)
-    unit = tl.sum(tl.reshape(code, (BN, NU, S)).to(tl.int64) << slot_shift[None, :, :], 2)
-    placed = unit << tl.load(USHIFT + h * NU + j).to(tl.int64)[None, :]
-    first = tl.load(UWORD + h * NU + j)[None, :, None]
-    w = tl.arange(0, NWP)[None, None, :]
-    low = tl.where(first == w, (placed & 0xFFFFFFFF)[:, :, None], 0)
-    high = tl.where(first + 1 == w, (placed >> 32)[:, :, None], 0)
-    words = tl.sum(low + high, 1)
-    wi = tl.arange(0, NWP)
-    ok = n_ok[:, None] & (wi < NW)[None, :]
-    tl.store(REC + n64[:, None] * srn + h * srh + wi[None, :], words.to(tl.int32), mask=ok)
+    slot_shift = tl.load(SSHIFT + h * D + j[:, None] * S + tl.arange(0, S)[None, :]).to(tl.uint32)
+    unit = tl.sum(tl.reshape(code, (BN, NU, S)).to(tl.uint32) << slot_shift[None, :, :], 2)
+    if ALIGNED:  # unit j is word j
+        tl.store(REC + n64[:, None] * srn + h * srh + j[None, :], unit.to(tl.int32, bitcast=True),
+                 mask=n_ok[:, None])
+    else:
+        # Units land at their bit offsets, the part past bit 31 in the next word.
+        shift = tl.load(USHIFT + h * NU + j).to(tl.uint32)[None, :]
+        low = unit << shift
+        high = tl.where(shift > 0, unit >> (32 - tl.where(shift > 0, shift, 1)), 0)
+        first = tl.load(UWORD + h * NU + j)[None, :, None]
+        w = tl.arange(0, NWP)[None, None, :]
+        words = tl.sum(tl.where(first == w, low[:, :, None], 0) + tl.where(first + 1 == w, high[:, :, None], 0), 1)
+        wi = tl.arange(0, NWP)
+        ok = n_ok[:, None] & (wi < NW)[None, :]
+        tl.store(REC + n64[:, None] * srn + h * srh + wi[None, :], words.to(tl.int32, bitcast=True), mask=ok)
 
 
 @triton.jit
@@ -233,12 +283,14 @@ def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
     words = records.view(torch.int32)
     _encode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
         flat, flat.stride(0), flat.stride(1), tables.basis_p, tables.mean, tables.sigma_p, tables.norm_ref,
-        tables.bounds, tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
+        tables.bounds, tables.poly if tables.poly is not None else tables.bounds,
+        tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
         words, words.stride(0), words.stride(1), scales if scales is not None else records, tables.heads, n,
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
-        NWP=triton.next_power_of_2(tables.words), MAXW=tables.max_width, SCALED=tables.scaled,
+        NWP=triton.next_power_of_2(tables.words), MAXW=tables.max_width, IS_POLY=tables.poly_terms,
+        ALIGNED=tables.aligned, SCALED=tables.scaled,
         LOG_SCALE=tables.log_scale,
-        BN=BLOCK_N, KC=min(CHUNK, tables.dim),
+        BN=BLOCK_N, KC=min(CHUNK, tables.dim), num_warps=ENCODE_WARPS["poly" if tables.poly_terms else "table"],
     )
     return Encoded(
         records.reshape(*lead, tables.heads, tables.record_bytes),
