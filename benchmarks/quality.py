@@ -148,6 +148,11 @@ ABLATIONS: dict[str, Ablation] = {
     "sensitivity at 1536 tokens with recall": Ablation(
         calibration=dict(sensitivity_prefix=1536, sensitivity_recall=True)
     ),
+    # Candidates for the defaults: neither costs decode speed (keys stay after RoPE).
+    "sensitivity at 1536 tokens": Ablation(calibration=dict(sensitivity_prefix=1536)),
+    "query-aware keys + sensitivity at 1536 tokens": Ablation(
+        dict(key_attention_aware=True), dict(sensitivity_prefix=1536)
+    ),
     "pre-RoPE query-aware keys + sensitivity at 1536 tokens + budget per kind": Ablation(
         dict(key_attention_aware=True, layer_budget="sensitivity_per_kind"),
         dict(pre_rope_keys=True, sensitivity_prefix=1536),

@@ -10,14 +10,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402  (after TRITON_INTERPRET is set: the interpreter is chosen at import)
+import triton.language as tl  # noqa: E402
+
+from spectralquant.codebook import MAX_BITS, gaussian_poly_coeffs, poly_basis  # noqa: E402
 from spectralquant.kernels import compressed_attention, compressed_attention_reference  # noqa: E402
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer  # noqa: E402
 from spectralquant.kernels.tables import poly_tables, tables_of, unsupported_reason  # noqa: E402
@@ -26,7 +28,6 @@ from spectralquant.kernels.triton_attention import (  # noqa: E402
     attention_unsupported_reason,
     compressed_attention_triton,
 )
-from spectralquant.codebook import MAX_BITS, gaussian_poly_coeffs, poly_basis  # noqa: E402
 from spectralquant.kernels.triton_codec import decode, encode, poly_codes  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
 from spectralquant.quantizer import Encoded  # noqa: E402

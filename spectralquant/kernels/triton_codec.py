@@ -79,6 +79,14 @@ def unit_codes(lo, hi, unit_shift, slot_shift, slot_mask, ALIGNED: tl.constexpr,
 
 
 @triton.jit
+def poly_levels_at(code, s, h, a1, a3, a5):
+    """Levels at codes ``code`` already converted to floats (fp16 or float32, as the coefficients)."""
+    y = code * s - h
+    y2 = y * y
+    return y * (a1 + y2 * (a3 + y2 * a5))
+
+
+@triton.jit
 def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr, TERMS: tl.constexpr):
     """Unit levels of ``codes`` under polynomial codebooks (``tables`` module doc) of ``TERMS`` odd
     terms (1: linear, 3: quintic), in fp16 or float32 as ``F16`` says; the coefficient tensors
@@ -88,11 +96,9 @@ def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr, TERMS: tl.constexpr)
         c = (codes | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
     else:
         c = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    y = c * s - h
     if TERMS == 1:
-        return y * a1
-    y2 = y * y
-    return y * (a1 + y2 * (a3 + y2 * a5))
+        return (c * s - h) * a1
+    return poly_levels_at(c, s, h, a1, a3, a5)
 
 
 @triton.jit
@@ -118,14 +124,6 @@ def poly_codes(u, top, s, h, a1, a3, a5, TERMS: tl.constexpr):
     down = 0.5 * (level + poly_levels_at(code - 1.0, s, h, a1, a3, a5))
     code += ((code < top) & (u > up)).to(tl.float32) - ((code > 0) & (u <= down)).to(tl.float32)
     return tl.where(u == u, code, 0.0).to(tl.int32)
-
-
-@triton.jit
-def poly_levels_at(code, s, h, a1, a3, a5):
-    """Float32 levels at float codes ``code`` (the polynomial of :func:`poly_codes`)."""
-    y = code * s - h
-    y2 = y * y
-    return y * (a1 + y2 * (a3 + y2 * a5))
 
 
 @triton.jit
