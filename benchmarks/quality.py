@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 from spectralquant.adapters import find_adapter
+from spectralquant.integrations.calibrate import SENSITIVITY_PREFIX
 from spectralquant.integrations.evaluation import chunked_logits, compare_to_reference, reference_chunks
 from spectralquant.integrations.offline_models import cache_dir, load_offline_model
 from transformers import DynamicCache
@@ -330,9 +331,12 @@ def load_calibration(model, tok, name: str, path: str | None, **options) -> Cali
     path = path or os.path.join(cache_dir(), f"{name}-benchmark-calibration{slug}.safetensors")
     if os.path.exists(path):
         calib = Calibration.load(path)
-        if "output" in calib.signature.captured:
+        prefix = options.get("sensitivity_prefix", SENSITIVITY_PREFIX)
+        measured = calib.info.get("sensitivity_tokens", [None])[0]
+        if "output" in calib.signature.captured and measured == prefix:
             return calib
-        print(f"{path} predates output moments: recalibrating", flush=True)
+        why = "output moments" if measured == prefix else f"sensitivities after {prefix} tokens (has {measured})"
+        print(f"{path} predates {why}: recalibrating", flush=True)
     calib = sq.calibrate(model, tok, **options)
     calib.save(path)
     return calib

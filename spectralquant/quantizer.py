@@ -54,7 +54,8 @@ class QuantizerConfig:
     attention_aware: water-fill by each coordinate's effect on attention rather than its variance
         alone: ``sigma_i**2 * m_i`` where ``m_i`` is the importance matrix's weight on axis ``i``
         (keys: the query second moment, as scores are ``q . k``; values: ``W_o^T W_o``, as the
-        output is ``W_o v``). Needs a calibration that measured them.
+        output is ``W_o v``). True needs a calibration that measured them; None uses them when
+        the calibration has them (the presets' keys), else plain variances.
     seed: seed for random rotations and the QJL projection.
     """
 
@@ -70,7 +71,7 @@ class QuantizerConfig:
     scale: bool = True
     scale_bits: int = 8
     qjl_dims: int = 0
-    attention_aware: bool = False
+    attention_aware: bool | None = False
     seed: int = 0
 
     def __post_init__(self):
@@ -174,10 +175,12 @@ class Quantizer:
         """Build from calibration statistics: choose the basis, allocate bits, set the codebooks.
 
         ``importance [H, D, D]`` (positive semi-definite) is how errors reach what matters; with
-        ``config.attention_aware`` it weights the allocation (required then, ignored otherwise).
+        ``config.attention_aware`` it weights the allocation (required then; used if given when
+        ``attention_aware`` is None; ignored otherwise).
         """
         h, d = stats.heads, stats.dim
-        if config.attention_aware and (importance is None or importance.shape != (h, d, d)):
+        aware = importance is not None if config.attention_aware is None else config.attention_aware
+        if aware and (importance is None or importance.shape != (h, d, d)):
             got = None if importance is None else tuple(importance.shape)
             raise ValueError(f"attention_aware needs an importance matrix [{h}, {d}, {d}], got {got}")
         if config.qjl_dims > d:
@@ -202,7 +205,7 @@ class Quantizer:
             basis = torch.eye(d, dtype=torch.float64).expand(h, d, d)
         variances = _axis_weights(basis, cov)
         weights = variances
-        if config.attention_aware:
+        if aware:
             weights = variances * _axis_weights(basis, importance.double())
         if config.allocation == "waterfill":
             widths = waterfill(weights, config.bits, config.min_bits, config.max_bits)

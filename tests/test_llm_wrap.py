@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import spectralquant as sq
 from spectralquant.metrics import kl_divergence
+from spectralquant.quantizer import Quantizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -287,3 +288,11 @@ def test_attention_aware_needs_a_calibration_that_measured_it(tiny_calibrations)
     assert not sq.is_wrapped(model)
     sq.wrap(model, stripped, key_attention_aware=False, value_attention_aware=False)
     sq.unwrap(model)
+    # The presets weight key bits by the queries only where they were measured: both work.
+    for calibration in (calib, stripped):
+        sq.wrap(model, calibration, "max")
+        codecs = find_adapter(model).state().codecs
+        aware = Quantizer.from_stats(calib.layers[0].key, codecs[0].key.config.with_(attention_aware=True), 0,
+                                     calib.layers[0].query_moment)
+        assert torch.equal(codecs[0].key.widths, aware.widths) == (calibration is calib)
+        sq.unwrap(model)

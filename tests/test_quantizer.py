@@ -201,3 +201,9 @@ def test_attention_aware_allocation_minimizes_the_weighted_error():
         Quantizer.from_stats(stats, QuantizerConfig(bits=3, attention_aware=True))
     with pytest.raises(ValueError, match="importance matrix"):
         Quantizer.from_stats(stats, QuantizerConfig(bits=3, attention_aware=True), importance=torch.eye(32))
+    # None (the presets' keys): the importance when the calibration measured it, else variances.
+    maybe = QuantizerConfig(bits=3, mix_bands=False, attention_aware=None)
+    assert torch.equal(Quantizer.from_stats(stats, maybe, importance=moment).widths, aware.widths)
+    assert torch.equal(Quantizer.from_stats(stats, maybe).widths, plain.widths)
+    with pytest.raises(ValueError, match="importance matrix"):
+        Quantizer.from_stats(stats, maybe, importance=torch.eye(32))
