@@ -22,7 +22,7 @@ def calibrate(model: Any, tokenizer: Any = None, texts=None, **options) -> Calib
 
     For language models: ``tokenizer`` and optional ``texts`` (default: the bundled English
     corpus); ``options``: ``seq_len`` (2048), ``max_tokens`` (6144), ``sensitivity`` (True:
-    also measure per-layer sensitivity), ``sensitivity_prefix`` (1536: context before the measured
+    also measure per-layer sensitivity), ``sensitivity_prefix`` (512: context before the measured
     tokens; at most three quarters of a row), ``sensitivity_recall`` (False: also measure on a row
     that recalls its own opening),
     ``samples_per_layer``, ``attention_weighted``, ``position_copies``,
