@@ -57,7 +57,9 @@ def test_smollm2_keys_before_rope_lose_less_than_keys_after_rope(smollm2):
     pre = sq.calibrate(model, tok, max_tokens=1024, seq_len=512, progress=False, pre_rope_keys=True, sensitivity=False)
     assert pre.keys_pre_rope and not calib.keys_pre_rope
     ids = eval_ids(tok, 320)
-    dials = dict(bits=2, window=16, chunk=16, layer_budget="uniform")
+    # Keys by variance in both domains (the presets' query-aware keys narrow the gap at this tiny
+    # setting: KL 0.0198 against 0.0215), so the comparison isolates the domain.
+    dials = dict(bits=2, window=16, chunk=16, layer_budget="uniform", key_attention_aware=False)
     after, before = quality(model, calib, ids, **dials), quality(model, pre, ids, **dials)
     assert before.kl < 0.8 * after.kl, (before, after)
     # Per layer: the gain comes from the layers where keys before RoPE measure less sensitive (all
