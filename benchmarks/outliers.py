@@ -40,34 +40,12 @@ from spectralquant.corpus import book_text
 from spectralquant.quantizer import Quantizer, decode_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.pre_rope_keys import rope, rotary  # noqa: E402
+from benchmarks.pre_rope_keys import projections, rope, rotary  # noqa: E402
 from benchmarks.quality import load_calibration, text_ids  # noqa: E402
 
 SINKS = 4
 RESIDUAL_RANGE = 8.0  # sigmas covered by the 8-bit residual code
 RESIDUAL_BITS = 8
-
-
-@torch.inference_mode()
-def projections(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, ``(k_proj, v_proj)`` outputs ``[T, H, D]`` (float32) of ``ids [1, T]``."""
-    cfg = model.config
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = [
-        getattr(layer.self_attn, f"{kind}_proj").register_forward_hook(
-            lambda m, i, o, n=n, kind=kind: captured.__setitem__((n, kind), o)
-        )
-        for n, layer in enumerate(model.model.layers)
-        for kind in "kv"
-    ]
-    try:
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    shape = (ids.shape[1], cfg.num_key_value_heads, cfg.head_dim)
-    layers = range(len(model.model.layers))
-    return [tuple(captured[(n, kind)][0].reshape(shape).float() for kind in "kv") for n in layers]
 
 
 def coded_error(q: Quantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +111,7 @@ def main() -> None:
     rows = []
     print(f"{'layer':>5s} {'kind':>5s} {'bits':>5s} {'base':>7s} " + " ".join(
         f"{'free ' + str(k):>7s} {'paid ' + str(k):>7s}" for k in counts) + "   (relative squared error)")
-    for n, (keys, values) in enumerate(projections(model, ids)):
+    for n, (keys, values) in enumerate(projections(model, ids, "kv")):
         if not calib.layer_keys_pre_rope(n):
             keys = rope(keys, cos, sin)
         layer = calib.layers[n]

@@ -52,13 +52,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
 
 
 @torch.inference_mode()
-def pre_rope_keys(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, the pre-RoPE keys ``[T, H, D]`` (float32, ``k_proj`` outputs) of ``ids [1, T]``."""
+def projections(model, ids: torch.Tensor, kinds: str = "k") -> list[tuple[torch.Tensor, ...]]:
+    """Per layer, the outputs of the attention's ``{kind}_proj`` for each letter of ``kinds``
+    (``"k"``: pre-RoPE keys; ``"kv"``: keys and values), each ``[T, H, D]`` float32, of ``ids [1, T]``."""
     cfg = model.config
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[tuple[int, str], torch.Tensor] = {}
     hooks = [
-        layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o))
+        getattr(layer.self_attn, f"{kind}_proj").register_forward_hook(
+            lambda m, i, o, n=n, kind=kind: captured.__setitem__((n, kind), o)
+        )
         for n, layer in enumerate(model.model.layers)
+        for kind in kinds
     ]
     try:
         model(ids)
@@ -66,7 +70,13 @@ def pre_rope_keys(model, ids: torch.Tensor) -> list[torch.Tensor]:
         for h in hooks:
             h.remove()
     shape = (ids.shape[1], cfg.num_key_value_heads, cfg.head_dim)
-    return [captured[n][0].reshape(shape).float() for n in sorted(captured)]
+    layers = range(len(model.model.layers))
+    return [tuple(captured[(n, kind)][0].reshape(shape).float() for kind in kinds) for n in layers]
+
+
+def pre_rope_keys(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the pre-RoPE keys ``[T, H, D]`` (float32, ``k_proj`` outputs) of ``ids [1, T]``."""
+    return [keys for (keys,) in projections(model, ids)]
 
 
 def calibrate(model, ids: torch.Tensor, bits: float) -> dict[str, list[Quantizer]]:
