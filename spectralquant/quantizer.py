@@ -88,6 +88,10 @@ class QuantizerConfig:
             raise ValueError(f"scale_bits must be 8 (log byte) or 16 (fp16), got {self.scale_bits}")
         if self.qjl_dims < 0:
             raise ValueError(f"qjl_dims must be >= 0, got {self.qjl_dims}")
+        if not (self.attention_aware is None or isinstance(self.attention_aware, bool)):
+            raise ValueError(
+                f"attention_aware must be True, False or None (when measured), got {self.attention_aware!r}"
+            )
 
     @classmethod
     def from_dict(cls, options: dict) -> QuantizerConfig:

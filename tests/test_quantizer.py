@@ -207,3 +207,5 @@ def test_attention_aware_allocation_minimizes_the_weighted_error():
     assert torch.equal(Quantizer.from_stats(stats, maybe).widths, plain.widths)
     with pytest.raises(ValueError, match="importance matrix"):
         Quantizer.from_stats(stats, maybe, importance=torch.eye(32))
+    with pytest.raises(ValueError, match="attention_aware must be True, False or None"):
+        QuantizerConfig(attention_aware="auto")
