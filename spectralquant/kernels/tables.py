@@ -34,7 +34,9 @@ class KernelTables:
     ``[H, D]`` (stored order); ``levels16``/``levels32``/``bounds`` ``[H, L]`` with
     ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``mean [H, D]``,
     ``norm_ref [H]`` float32; ``basis_sigma16 [H, D, D]`` fp16 (``basis_p * sigma_p``, for the
-    attention's rotations); ``poly [H, 5, D]`` float32 for polynomial codebooks, else None;
+    attention's rotations); ``basis_hi16``/``basis_lo16 [H, D, D]`` fp16 (``basis_p`` transposed, split
+    into a leading part and the rest, for the encode's tensor-core rotation); ``bit_offset [H, D]`` int32
+    (first record bit of each stored position); ``poly [H, 5, D]`` float32 for polynomial codebooks, else None;
     ``poly_terms``: 0 without ``poly``, 1 if every cubic and quintic coefficient is 0 (linear
     codebooks: kernels skip those terms), else 3.
     """
@@ -54,12 +56,15 @@ class KernelTables:
     unit_shift: torch.Tensor
     slot_shift: torch.Tensor
     slot_mask: torch.Tensor
+    bit_offset: torch.Tensor
     levels16: torch.Tensor
     levels32: torch.Tensor
     bounds: torch.Tensor
     basis_p: torch.Tensor
     sigma_p: torch.Tensor
     basis_sigma16: torch.Tensor
+    basis_hi16: torch.Tensor
+    basis_lo16: torch.Tensor
     mean: torch.Tensor
     norm_ref: torch.Tensor
     poly: torch.Tensor | None
@@ -113,6 +118,7 @@ def layout_tables(layout: RecordLayout) -> dict[str, torch.Tensor | int | bool]:
         unit_shift=(start % UNIT_BITS).to(torch.int32),
         slot_shift=torch.where(w_p > 0, rel, 0).to(torch.int32),
         slot_mask=((1 << w_p) - 1).to(torch.int32),
+        bit_offset=o_p.to(torch.int32),
         aligned=bool(words == layout.units and (start == UNIT_BITS * torch.arange(layout.units)).all()),
         crosses=bool(((start % UNIT_BITS) + unit_bits > UNIT_BITS).any()),
         words=words,
@@ -162,6 +168,8 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
     trace = quantizer.trace.float()
     basis_p = torch.gather(quantizer.basis, 2, order[:, None, :].expand_as(quantizer.basis)).contiguous()
     sigma_p = torch.gather(quantizer.sigma, 1, order).contiguous()
+    basis_t = basis_p.transpose(1, 2).contiguous()
+    basis_hi16 = basis_t.half()
     on = {k: v.to(device).contiguous() if isinstance(v, torch.Tensor) else v for k, v in lt.items()}
     return KernelTables(
         heads=quantizer.heads,
@@ -182,6 +190,8 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
         basis_p=basis_p,
         sigma_p=sigma_p,
         basis_sigma16=(basis_p * sigma_p[:, None, :]).half(),
+        basis_hi16=basis_hi16,
+        basis_lo16=(basis_t - basis_hi16.float()).half(),
         mean=quantizer.mean.to(device).float().contiguous(),
         norm_ref=torch.where(trace > 0, trace, torch.ones_like(trace)).sqrt().to(device),
         poly=poly.to(device) if (poly := poly_tables(quantizer)) is not None else None,

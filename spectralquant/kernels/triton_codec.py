@@ -17,10 +17,8 @@ from ..quantizer import Encoded, Quantizer
 from .tables import KernelTables, tables_of
 
 BLOCK_N = 32  # vectors per program
-# Encode warps: the computed polynomial search needs the registers of 8 (4 spill: twice as slow on
-# the H100), the table search is fastest with 4.
-ENCODE_WARPS = dict(poly=8, table=4)
-CHUNK = 32  # rotation is done in chunks of this many input coordinates
+ENCODE_TILE = 16384  # basis elements the encode reads per chunk ([D, KC]: registers and shared memory)
+CHUNK = 32  # the decode rotates back in chunks of this many output coordinates
 
 
 @triton.jit
@@ -170,66 +168,112 @@ def load_poly(poly_ptr, NU: tl.constexpr, S: tl.constexpr, POLY: tl.constexpr, F
 
 
 @triton.jit
+def _byte_weights(byte, word, part):
+    """``[NW, D]`` fp16 weights that put byte ``byte [1, D]`` of each code into 16-bit half ``part``
+    of word ``word [NW, 1]``: 1 or 256 by the byte's place in that half, 0 elsewhere."""
+    at = ((byte >> 2) == word) & (((byte >> 1) & 1) == part)
+    return tl.where(at, tl.where((byte & 1) == 1, 256.0, 1.0), 0.0).to(tl.float16)
+
+
+@triton.jit
+def pack_words(code, bit_offset, NWP: tl.constexpr):
+    """The words ``[NWP, BN]`` (int32) of records whose codes ``[D, BN]`` (int32, at most 8 bits;
+    one column per record) start at record bits ``bit_offset [D]``, computed on tensor cores: each
+    code, shifted to its bit within its byte, is split into that byte's part and the next byte's,
+    and 0/1 matrices with byte weights 1 or 256 sum them into the low and high halves of their
+    words. Every operand is an integer below 2**11 (exact in fp16) and every half below 2**16
+    (exact in the float32 accumulator); the bits of different codes are disjoint, so the sums are
+    ORs."""
+    v = code << (bit_offset & 7)[:, None]
+    lo = (v & 255).to(tl.float16)
+    hi = (v >> 8).to(tl.float16)
+    byte = (bit_offset >> 3)[None, :]
+    word = tl.arange(0, NWP)[:, None]
+    low = tl.dot(_byte_weights(byte + 1, word, 0), hi, tl.dot(_byte_weights(byte, word, 0), lo))
+    high = tl.dot(_byte_weights(byte + 1, word, 1), hi, tl.dot(_byte_weights(byte, word, 1), lo))
+    return low.to(tl.int32) | (high.to(tl.int32) << 16)
+
+
+@triton.jit
+def _centred(X, sxn, sxh, mean, h, n64, n_ok, k):
+    """Coordinates ``k [KC]`` of head ``h``'s input vectors ``n64 [BN]`` minus ``mean`` (that head's
+    row), as float32 ``[KC, BN]``."""
+    x = tl.load(X + n64[None, :] * sxn + h * sxh + k[:, None], mask=n_ok[None, :], other=0.0).to(tl.float32)
+    return x - tl.load(mean + k)[:, None]
+
+
+@triton.jit
 def _encode_kernel(
-    X, sxn, sxh, BASIS, MEAN, SIGMA, NORM_REF, BOUNDS, POLY, UWORD, USHIFT, SSHIFT, SMASK,
+    X, sxn, sxh, BASIS_HI, BASIS_LO, MEAN, SIGMA, NORM_REF, BOUNDS, POLY, SSHIFT, SMASK, BIT_OFFSET,
     REC, srn, srh, SCALES, ssn, n_vectors,
     LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
     NWP: tl.constexpr, MAXW: tl.constexpr, IS_POLY: tl.constexpr, ALIGNED: tl.constexpr, SCALED: tl.constexpr,
     LOG_SCALE: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
 ):
+    # Vectors are columns ([D, BN]): the rotation's output then gives each thread few coordinates
+    # and many vectors, so the per-coordinate tables of the code search take few registers.
     h = tl.program_id(1)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = n < n_vectors
     n64 = n.to(tl.int64)
     p = tl.arange(0, D)
-    z = tl.zeros((BN, D), tl.float32)
+    # The rotation runs on tensor cores: x, brought to unit norm (where fp16 keeps its relative
+    # precision), and the basis are each split into an fp16 leading part and an fp16 rest; three
+    # products give z / norm to about 2**-21 (the dropped rest x rest term is 2**-22 of a product).
+    # Float32 FMAs took half the kernel's time. The basis is read in [D, KC] chunks (shared memory).
+    norm = tl.zeros((BN,), tl.float32)
+    for k0 in tl.static_range(0, D, KC):
+        x = _centred(X, sxn, sxh, MEAN + h * D, h, n64, n_ok, k0 + tl.arange(0, KC))
+        norm += tl.sum(x * x, 0)
+    norm = tl.sqrt(norm)
+    inv_norm = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)[None, :]
+    z = tl.zeros((D, BN), tl.float32)
     for k0 in tl.static_range(0, D, KC):
         k = k0 + tl.arange(0, KC)
-        x = tl.load(X + n64[:, None] * sxn + h * sxh + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-        x = x - tl.load(MEAN + h * D + k)[None, :]
-        z += tl.dot(x, tl.load(BASIS + h * D * D + k[:, None] * D + p[None, :]), input_precision="ieee")
+        x = _centred(X, sxn, sxh, MEAN + h * D, h, n64, n_ok, k) * inv_norm
+        x_hi = x.to(tl.float16)
+        b_rows = h * D * D + p[:, None] * D + k[None, :]
+        b_hi = tl.load(BASIS_HI + b_rows)
+        z = tl.dot(b_hi, (x - x_hi.to(tl.float32)).to(tl.float16), z)
+        z = tl.dot(tl.load(BASIS_LO + b_rows), x_hi, z)
+        z = tl.dot(b_hi, x_hi, z)
     if SCALED:
-        scale = scale_to_stored(tl.sqrt(tl.sum(z * z, 1)) / tl.load(NORM_REF + h), LOG_SCALE)
+        scale = scale_to_stored(norm * tl.sqrt(tl.sum(z * z, 0)) / tl.load(NORM_REF + h), LOG_SCALE)
         tl.store(SCALES + n64 * ssn + h, scale, mask=n_ok)
-        s = stored_to_scale(scale, LOG_SCALE)[:, None]
+        s = stored_to_scale(scale, LOG_SCALE)
         # Multiplying by reciprocals (of [BN] scales and [D] sigmas) instead of dividing every
         # element: a code may move by one where u sits within an ulp of a boundary.
-        z = z * tl.where(s > 0, 1.0 / tl.maximum(s, 1e-30), 0.0)
-    sigma = tl.load(SIGMA + h * D + p)[None, :]
+        z = z * tl.where(s > 0, norm / tl.maximum(s, 1e-30), 0.0)[None, :]
+    else:
+        z = z * norm[None, :]
+    sigma = tl.load(SIGMA + h * D + p)[:, None]
     u = z * tl.where(sigma > 0, 1.0 / tl.maximum(sigma, 1e-30), 0.0)
-    count = tl.load(SMASK + h * D + p)[None, :]  # a b-bit codebook has 2**b - 1 boundaries
+    count = tl.load(SMASK + h * D + p)[:, None]  # a b-bit codebook has 2**b - 1 boundaries
     if IS_POLY:
         # Computed (scattered table loads were a third of the kernel's time on the H100).
         row = POLY + h * 5 * D + p
-        code = poly_codes(u, count.to(tl.float32), tl.load(row)[None, :], tl.load(row + D)[None, :],
-                          tl.load(row + 2 * D)[None, :], tl.load(row + 3 * D)[None, :], tl.load(row + 4 * D)[None, :],
+        code = poly_codes(u, count.to(tl.float32), tl.load(row)[:, None], tl.load(row + D)[:, None],
+                          tl.load(row + 2 * D)[:, None], tl.load(row + 3 * D)[:, None], tl.load(row + 4 * D)[:, None],
                           IS_POLY)
     else:
         # Boundary search in each coordinate's own codebook: code = number of boundaries below u.
-        code = tl.zeros((BN, D), tl.int32)
+        code = tl.zeros((D, BN), tl.int32)
         for b in tl.static_range(MAXW - 1, -1, -1):
             cand = code + (1 << b)
-            ok = (cand <= count) & n_ok[:, None]
+            ok = (cand <= count) & n_ok[None, :]
             bound = tl.load(BOUNDS + h * LUT + count + cand, mask=ok, other=0.0)
             code = tl.where(ok & (bound < u), cand, code)
-    # Pack: a unit (at most 32 bits) sums its codes at their slot shifts (the bits are disjoint).
-    j = tl.arange(0, NU)
-    slot_shift = tl.load(SSHIFT + h * D + j[:, None] * S + tl.arange(0, S)[None, :]).to(tl.uint32)
-    unit = tl.sum(tl.reshape(code, (BN, NU, S)).to(tl.uint32) << slot_shift[None, :, :], 2)
-    if ALIGNED:  # unit j is word j
-        tl.store(REC + n64[:, None] * srn + h * srh + j[None, :], unit.to(tl.int32, bitcast=True),
-                 mask=n_ok[:, None])
+    if ALIGNED:
+        # Unit j is word j: it sums its codes at their slot shifts (the bits are disjoint).
+        j = tl.arange(0, NU)
+        slot_shift = tl.load(SSHIFT + h * D + j[:, None] * S + tl.arange(0, S)[None, :]).to(tl.uint32)
+        words = tl.sum(tl.reshape(code, (NU, S, BN)).to(tl.uint32) << slot_shift[:, :, None], 1).to(tl.int32,
+                                                                                                    bitcast=True)
+        wi = j
     else:
-        # Units land at their bit offsets, the part past bit 31 in the next word.
-        shift = tl.load(USHIFT + h * NU + j).to(tl.uint32)[None, :]
-        low = unit << shift
-        high = tl.where(shift > 0, unit >> (32 - tl.where(shift > 0, shift, 1)), 0)
-        first = tl.load(UWORD + h * NU + j)[None, :, None]
-        w = tl.arange(0, NWP)[None, None, :]
-        words = tl.sum(tl.where(first == w, low[:, :, None], 0) + tl.where(first + 1 == w, high[:, :, None], 0), 1)
+        words = pack_words(code, tl.load(BIT_OFFSET + h * D + p), NWP)
         wi = tl.arange(0, NWP)
-        ok = n_ok[:, None] & (wi < NW)[None, :]
-        tl.store(REC + n64[:, None] * srn + h * srh + wi[None, :], words.to(tl.int32, bitcast=True), mask=ok)
+    tl.store(REC + n64[None, :] * srn + h * srh + wi[:, None], words, mask=n_ok[None, :] & (wi < NW)[:, None])
 
 
 @triton.jit
@@ -265,6 +309,12 @@ def _check(tables: KernelTables, t: torch.Tensor, last: int, what: str) -> None:
         raise ValueError(f"{what} must be [..., {tables.heads}, {last}], got {tuple(t.shape)}")
 
 
+def _encode_warps(tables: KernelTables) -> int:
+    """H100, 32k tokens x 8 heads of 128: word-aligned records are fastest with 8 warps (261 us
+    against 281 with 4), others with 4 (313 against 374); head_dim 256 spills with 4."""
+    return 8 if tables.aligned or tables.dim > 128 else 4
+
+
 def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
     """Triton :meth:`Quantizer.encode`: ``x [..., H, D]`` (any float dtype) to records
     ``[..., H, R]`` uint8 and scales ``[..., H]`` as the quantizer stores them (None without scaling)."""
@@ -279,16 +329,16 @@ def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
     scale_dtype = torch.uint8 if tables.log_scale else torch.float16
     scales = torch.empty(n, tables.heads, dtype=scale_dtype, device=x.device) if tables.scaled else None
     words = records.view(torch.int32)
-    _encode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
-        flat, flat.stride(0), flat.stride(1), tables.basis_p, tables.mean, tables.sigma_p, tables.norm_ref,
-        tables.bounds, tables.poly if tables.poly is not None else tables.bounds,
-        tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
+    bn = BLOCK_N if tables.dim <= 128 else BLOCK_N // 2  # head_dim 256 spills with 32 vectors
+    _encode_kernel[(triton.cdiv(n, bn), tables.heads)](
+        flat, flat.stride(0), flat.stride(1), tables.basis_hi16, tables.basis_lo16, tables.mean, tables.sigma_p,
+        tables.norm_ref, tables.bounds, tables.poly if tables.poly is not None else tables.bounds,
+        tables.slot_shift, tables.slot_mask, tables.bit_offset,
         words, words.stride(0), words.stride(1), scales if scales is not None else records, tables.heads, n,
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
-        NWP=triton.next_power_of_2(tables.words), MAXW=tables.max_width, IS_POLY=tables.poly_terms,
-        ALIGNED=tables.aligned, SCALED=tables.scaled,
-        LOG_SCALE=tables.log_scale,
-        BN=BLOCK_N, KC=min(CHUNK, tables.dim), num_warps=ENCODE_WARPS["poly" if tables.poly_terms else "table"],
+        NWP=max(16, triton.next_power_of_2(tables.words)), MAXW=tables.max_width, IS_POLY=tables.poly_terms,
+        ALIGNED=tables.aligned, SCALED=tables.scaled, LOG_SCALE=tables.log_scale,
+        BN=bn, KC=min(tables.dim, ENCODE_TILE // tables.dim), num_warps=_encode_warps(tables),
     )
     return Encoded(
         records.reshape(*lead, tables.heads, tables.record_bytes),
