@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -28,7 +30,7 @@ from spectralquant.kernels.triton_attention import (  # noqa: E402
     attention_unsupported_reason,
     compressed_attention_triton,
 )
-from spectralquant.kernels.triton_codec import decode, encode, poly_codes  # noqa: E402
+from spectralquant.kernels.triton_codec import decode, encode, pack_words, poly_codes  # noqa: E402
 from spectralquant.packing import RecordLayout  # noqa: E402
 from spectralquant.quantizer import Encoded  # noqa: E402
 from spectralquant.rope import LinearRope  # noqa: E402
@@ -58,6 +60,7 @@ CODEC_CASES = [
     dict(dim=32, bits=2, codebook="fitted"),
     dict(dim=32, bits=3, codebook="linear"),  # the kernels skip the cubic and quintic terms
     dict(dim=16, bits=2.5, scale=False, center=False),
+    dict(dim=256, bits=3),  # the encode reads the basis in two chunks, 16 vectors per program
 ]
 
 
@@ -136,6 +139,32 @@ def test_computed_polynomial_codes_match_the_boundary_search(terms):
         near = (u[:, None] - bounds[None, :]).abs().min(1).values <= 1e-5 * u.abs().clamp_min(1)
         assert ((got != want) & ~near).sum() == 0, f"{b} bits: codes differ away from a boundary"
         assert (got - want).abs().max() <= 1
+
+
+@triton.jit
+def _pack_words_kernel(CODES, OFFSETS, OUT, D: tl.constexpr, BN: tl.constexpr, NWP: tl.constexpr):
+    p = tl.arange(0, D)
+    n = tl.arange(0, BN)
+    words = pack_words(tl.load(CODES + n[None, :] * D + p[:, None]), tl.load(OFFSETS + p), NWP)
+    tl.store(OUT + n[None, :] * NWP + tl.arange(0, NWP)[:, None], words)
+
+
+@settings(max_examples=20, deadline=None)
+@given(widths=st.lists(st.integers(0, 8), min_size=32, max_size=32), seed=st.integers(0, 2**16))
+def test_tensor_core_packing_equals_the_record_layout(widths, seed):
+    # The encode kernel packs layouts whose units straddle words with 0/1 tensor-core products;
+    # they must give the layout's records bit for bit (any widths, all-ones codes included).
+    assume(sum(widths) > 0)
+    layout = RecordLayout(torch.tensor(widths))
+    top = (1 << layout.widths) - 1
+    codes = (torch.rand(16, 32, generator=torch.Generator().manual_seed(seed)) * (top + 1)).long().minimum(top)
+    codes[0] = top
+    want = layout.pack(codes).view(torch.int32)
+    got = torch.zeros(16, 16, dtype=torch.int32, device=DEVICE)
+    _pack_words_kernel[(1,)](codes.to(DEVICE, torch.int32), layout.offsets.to(DEVICE, torch.int32), got,
+                             D=32, BN=16, NWP=16)
+    assert torch.equal(got.cpu()[:, : want.shape[1]], want)
+    assert not got.cpu()[:, want.shape[1]:].any()
 
 
 def test_poly_terms_tell_linear_from_quintic_codebooks():
