@@ -50,6 +50,11 @@ class Adapter(ABC):
     def signature(self) -> ModelSignature:
         """Layers, KV heads and head dims of the model's attention."""
 
+    def sliding_windows(self) -> list[int | None] | None:
+        """Per layer, the attention window (``None`` for full attention); ``None`` if the family
+        has no sliding windows."""
+        return None
+
     @abstractmethod
     def calibrate(self, **options) -> Calibration:
         """Run calibration data through the model and return the statistics."""

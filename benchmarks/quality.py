@@ -101,6 +101,8 @@ ABLATIONS: dict[str, Ablation] = {
     "fp16 per-vector scale": Ablation(dict(scale_bits=16)),
     "QJL on (16 dims)": Ablation(dict(qjl_dims=16)),
     "uniform layer budget": Ablation(dict(layer_budget="uniform")),
+    # Sliding-window layers hold at most their window: count their bits by bytes held at 4k.
+    "layer budget by bytes held at 4k": Ablation(dict(budget_context=4096)),
     "keys +0.5 / values -0.5": Ablation(key_shift=0.5),
     "keys -0.5 / values +0.5": Ablation(key_shift=-0.5),
     # Diagnostics, not levers (they spend more bytes): which side limits passkey retrieval.

@@ -79,7 +79,7 @@ def wrap(
 
     if fused is None:
         fused = fused_available(next(model.parameters()).device)
-    codecs = build_codecs(calibration, config)
+    codecs = build_codecs(calibration, config, adapter.sliding_windows())
     make_cache, attention = make_cache_factory(adapter, codecs, config, fused)
     adapter.install(WrapState(calibration, config, codecs, make_cache, attention))
     return model

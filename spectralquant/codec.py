@@ -35,8 +35,11 @@ class LayerCodec:
         return self
 
 
-def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tuple[float, float]]:
-    """The (key, value) average bits of every layer under ``config``."""
+def layer_bits(
+    calibration: Calibration, config: CompressionConfig, windows: list[int | None] | None = None
+) -> list[tuple[float, float]]:
+    """The (key, value) average bits of every layer under ``config``; ``windows``: each layer's
+    sliding attention window (``None``: full attention), which ``config.budget_context`` uses."""
     sig = calibration.signature
     n = sig.num_layers
     if config.layer_bits:
@@ -61,7 +64,13 @@ def layer_bits(calibration: Calibration, config: CompressionConfig) -> list[tupl
             "layer_budget='sensitivity_per_kind' (or 'uniform') or give layer_bits",
             stacklevel=3,
         )
-    sizes = torch.tensor([h * d for h, d in zip(sig.kv_heads, sig.head_dims)])
+    sizes = torch.tensor([h * d for h, d in zip(sig.kv_heads, sig.head_dims)], dtype=torch.float64)
+    ctx = config.budget_context
+    if ctx is not None and windows is not None:
+        if len(windows) != n:
+            raise ValueError(f"windows lists {len(windows)} layers but the model has {n}")
+        # Bits of a sliding layer cost only what it holds at that context.
+        sizes = sizes * torch.tensor([min(w, ctx) / ctx if w else 1.0 for w in windows], dtype=torch.float64)
     lo = max(config.key.min_bits, config.value.min_bits, config.layer_min_bits)
     hi = min(config.key.max_bits, config.value.max_bits)
     # Steps of one 32-bit word per head: records are padded to whole words (see packing).
@@ -96,15 +105,18 @@ def _warn_if_padded(config: CompressionConfig, head_dims: list[int]) -> None:
                 )
 
 
-def build_codecs(calibration: Calibration, config: CompressionConfig) -> list[LayerCodec | None]:
+def build_codecs(
+    calibration: Calibration, config: CompressionConfig, windows: list[int | None] | None = None
+) -> list[LayerCodec | None]:
     """One codec per layer (``None`` for layers listed in ``config.fp16_layers``), encoding keys in
-    the calibration's domain (before RoPE if it was measured there, baselines included)."""
+    the calibration's domain (before RoPE if it was measured there, baselines included);
+    ``windows`` as in :func:`layer_bits`."""
     n = calibration.signature.num_layers
     bad = [i for i in config.fp16_layers if not 0 <= i < n]
     if bad:
         raise ValueError(f"fp16_layers {bad} are out of range for a {n}-layer model")
     codecs: list[LayerCodec | None] = []
-    for i, (layer, (kb, vb)) in enumerate(zip(calibration.layers, layer_bits(calibration, config))):
+    for i, (layer, (kb, vb)) in enumerate(zip(calibration.layers, layer_bits(calibration, config, windows))):
         if i in config.fp16_layers:
             codecs.append(None)
             continue

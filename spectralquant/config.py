@@ -29,6 +29,12 @@ class CompressionConfig:
     layer_min_bits: the fewest bits per coordinate the ``sensitivity`` budget gives any layer's keys
         or values. The sensitivities are measured on a short context, where layers that matter
         only for long-range retrieval look cheap to compress; a floor keeps them readable.
+    budget_context: for the ``sensitivity`` budgets, the context length at which bits are counted
+        as bytes held: a sliding-window layer holds at most its window of tokens, so a bit there
+        costs ``window / budget_context`` of a bit in a full-attention layer, and ``key.bits`` /
+        ``value.bits`` are the average over what is held at that length. ``None``: every layer
+        counts as holding every token (the same bits per token everywhere). No effect on models
+        without sliding windows.
     layer_bits: explicit per-layer ``(key_bits, value_bits)``, overriding both of the above.
     method: ``spectralquant``, or a baseline codec from :mod:`spectralquant.baselines`
         (``turboquant``, ``turboquant_qjl``, ``kivi``, ``int``, ``fp8``) run in the same cache at
@@ -43,6 +49,7 @@ class CompressionConfig:
     fp16_layers: tuple[int, ...] = ()
     layer_budget: str = "auto"
     layer_min_bits: float = 1.0
+    budget_context: int | None = None
     layer_bits: tuple[tuple[float, float], ...] = ()
     method: str = "spectralquant"
 
@@ -58,6 +65,9 @@ class CompressionConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.layer_budget not in LAYER_BUDGETS:
             raise ValueError(f"unknown layer_budget {self.layer_budget!r}; choose one of {LAYER_BUDGETS}")
+        ctx = self.budget_context
+        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+            raise ValueError(f"budget_context must be a positive int (tokens) or None, got {ctx!r}")
         object.__setattr__(self, "layer_bits", tuple((float(k), float(v)) for k, v in self.layer_bits))
         if isinstance(self.layer_min_bits, bool) or not isinstance(self.layer_min_bits, (int, float)):
             raise ValueError(f"layer_min_bits must be a number, got {self.layer_min_bits!r}")
@@ -84,6 +94,8 @@ class CompressionConfig:
         }.get(self.layer_budget, "")
         if budget and self.layer_min_bits != 1:
             budget += f" (at least {self.layer_min_bits:g} bits per layer)"
+        if budget and self.budget_context is not None:
+            budget += f" (bytes held at {self.budget_context} tokens)"
         return (
             f"keys {q(self.key)}; values {q(self.value)}{budget}; fp16 window {self.window} (chunk {self.chunk}), "
             f"{self.sinks} sink tokens" + (f"; fp16 layers {list(self.fp16_layers)}" if self.fp16_layers else "")
@@ -101,7 +113,10 @@ PRESETS: dict[str, CompressionConfig] = {
 }
 
 _QUANTIZER_DIALS = {f.name for f in fields(QuantizerConfig)}
-_CACHE_DIALS = {"window", "chunk", "sinks", "fp16_layers", "layer_budget", "layer_min_bits", "layer_bits", "method"}
+_CACHE_DIALS = {
+    "window", "chunk", "sinks", "fp16_layers", "layer_budget", "layer_min_bits", "budget_context", "layer_bits",
+    "method",
+}
 
 
 def valid_dials() -> list[str]:
@@ -115,7 +130,7 @@ def resolve_config(preset: str | CompressionConfig = "standard", **dials) -> Com
 
     A quantizer dial (``bits``, ``rotation``, ...) sets keys and values alike; ``key_<dial>`` or
     ``value_<dial>`` sets one kind; ``window``, ``chunk``, ``sinks``, ``fp16_layers``,
-    ``layer_budget``, ``layer_min_bits``, ``layer_bits`` set the cache.
+    ``layer_budget``, ``layer_min_bits``, ``budget_context``, ``layer_bits`` set the cache.
     Unknown preset names and dials raise ``ValueError`` listing what is valid.
     """
     if isinstance(preset, CompressionConfig):

@@ -127,3 +127,41 @@ def test_sensitivity_recall_averages_in_a_row_that_copies_its_opening():
     recall = measure_sensitivity(adapter, calib, torch.cat([x[:, :112], x[:, 1:49]], 1), 112, progress=False)
     torch.testing.assert_close(calib.sensitivity, (text + recall) / 2, rtol=1e-5, atol=1e-9)
     assert not torch.allclose(text, recall)
+
+
+def test_budget_context_counts_sliding_layers_by_the_bytes_they_hold(tiny_calibrations):
+    # Gemma 3's tiny model: layers 0-2 slide over 8 tokens, layer 3 attends to everything.
+    calib = dataclasses.replace(tiny_calibrations("gemma3"))
+    calib.sensitivity = torch.tensor([[1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]])
+    windows = [8, 8, 8, None]
+    plain = layer_bits(calib, resolve_config("max"), windows)
+    assert plain == layer_bits(calib, resolve_config("max"))  # windows only count with budget_context
+    held = layer_bits(calib, resolve_config("max", budget_context=64), windows)
+    # A sliding layer holds 8 of 64 tokens: its bits cost an eighth, so it gets more of them, and
+    # the bytes held at 64 tokens stay within the budget (one word step of the smallest layer).
+    assert all(held[i][k] > held[3][k] for i in range(3) for k in range(2))
+    assert all(held[i][k] > plain[i][k] for i in range(3) for k in range(2))
+    d = calib.signature.head_dims[0] * calib.signature.kv_heads[0]
+    tokens = torch.tensor([8.0, 8.0, 8.0, 64.0])
+    spent = float((torch.tensor(held).sum(1) * tokens * d).sum())
+    budget = 2 * 2.25 * d * float(tokens.sum())
+    step = 32 / calib.signature.head_dims[0]  # one word per record
+    assert budget - step * d * 8 <= spent <= budget + 1e-6  # within a step of the smallest (8-token) layer
+    assert layer_bits(calib, resolve_config("max", budget_context=64), [None] * 4) == plain
+    with pytest.raises(ValueError, match="windows lists 3 layers"):
+        layer_bits(calib, resolve_config("max", budget_context=64), windows[:3])
+    for bad in (0, -5, 1.5, True, "4k"):
+        with pytest.raises(ValueError, match="budget_context must be a positive int"):
+            resolve_config("max", budget_context=bad)
+
+
+def test_wrap_passes_the_models_sliding_windows_to_the_budget(tiny_calibrations):
+    model = tiny_model("gemma3")
+    calib = dataclasses.replace(tiny_calibrations("gemma3"))
+    calib.sensitivity = torch.tensor([[1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]])
+    sq.wrap(model, calib, "max", budget_context=64)
+    try:
+        widths = [codec.key.widths.float().mean().item() for codec in model._spectralquant.codecs]
+    finally:
+        sq.unwrap(model)
+    assert widths[0] > widths[3]
