@@ -159,9 +159,11 @@ def test_wrap_passes_the_models_sliding_windows_to_the_budget(tiny_calibrations)
     model = tiny_model("gemma3")
     calib = dataclasses.replace(tiny_calibrations("gemma3"))
     calib.sensitivity = torch.tensor([[1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]])
-    sq.wrap(model, calib, "max", budget_context=64)
-    try:
-        widths = [codec.key.widths.float().mean().item() for codec in model._spectralquant.codecs]
-    finally:
-        sq.unwrap(model)
-    assert widths[0] > widths[3]
+    widths = {}
+    for ctx in (None, 64):
+        sq.wrap(model, calib, "max", budget_context=ctx)
+        try:
+            widths[ctx] = [codec.key.widths.float().mean().item() for codec in model._spectralquant.codecs]
+        finally:
+            sq.unwrap(model)
+    assert widths[64][0] > widths[None][0] and widths[64][0] > widths[64][3]
