@@ -309,10 +309,13 @@ def _check(tables: KernelTables, t: torch.Tensor, last: int, what: str) -> None:
         raise ValueError(f"{what} must be [..., {tables.heads}, {last}], got {tuple(t.shape)}")
 
 
-def _encode_warps(tables: KernelTables) -> int:
-    """H100, 32k tokens x 8 heads of 128: word-aligned records are fastest with 8 warps (261 us
-    against 281 with 4), others with 4 (313 against 374); head_dim 256 spills with 4."""
-    return 8 if tables.aligned or tables.dim > 128 else 4
+def _encode_launch(tables: KernelTables) -> tuple[int, int]:
+    """(vectors per program, warps) of the encode. H100, 32k tokens x 8 heads of 128: word-aligned
+    records are fastest with 8 warps (261 us against 281 with 4), others with 4 (313 against 374);
+    head_dim 256 spills with 32 vectors or 4 warps, so it takes 16 and 8."""
+    if tables.dim > 128:
+        return BLOCK_N // 2, 8
+    return BLOCK_N, 8 if tables.aligned else 4
 
 
 def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
@@ -329,7 +332,7 @@ def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
     scale_dtype = torch.uint8 if tables.log_scale else torch.float16
     scales = torch.empty(n, tables.heads, dtype=scale_dtype, device=x.device) if tables.scaled else None
     words = records.view(torch.int32)
-    bn = BLOCK_N if tables.dim <= 128 else BLOCK_N // 2  # head_dim 256 spills with 32 vectors
+    bn, warps = _encode_launch(tables)
     _encode_kernel[(triton.cdiv(n, bn), tables.heads)](
         flat, flat.stride(0), flat.stride(1), tables.basis_hi16, tables.basis_lo16, tables.mean, tables.sigma_p,
         tables.norm_ref, tables.bounds, tables.poly if tables.poly is not None else tables.bounds,
@@ -338,7 +341,7 @@ def encode(quantizer: Quantizer, x: torch.Tensor) -> Encoded:
         LUT=tables.table_size, D=tables.dim, S=tables.slots, NU=tables.units, NW=tables.words,
         NWP=max(16, triton.next_power_of_2(tables.words)), MAXW=tables.max_width, IS_POLY=tables.poly_terms,
         ALIGNED=tables.aligned, SCALED=tables.scaled, LOG_SCALE=tables.log_scale,
-        BN=bn, KC=min(tables.dim, ENCODE_TILE // tables.dim), num_warps=_encode_warps(tables),
+        BN=bn, KC=min(tables.dim, ENCODE_TILE // tables.dim), num_warps=warps,
     )
     return Encoded(
         records.reshape(*lead, tables.heads, tables.record_bytes),
