@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from spectralquant.kernels import compressed_attention_reference
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer, random_scales
+from spectralquant.kernels.tables import tables_of
 from spectralquant.kernels.triton_attention import TUNING, compressed_attention_triton
 from spectralquant.kernels.triton_codec import encode
 from spectralquant.packing import RecordLayout
@@ -107,14 +108,21 @@ def sets_for(bytes_per_set: int, budget: int) -> int:
     return min(want, budget // bytes_per_set)
 
 
-def quantizer_pair(bits: float, legacy: bool = False, **config):
-    """Key and value quantizers of Llama-8B KV shape; ``legacy``: codes in coordinate order;
-    ``config``: quantizer options (e.g. ``codebook``)."""
+LAYOUTS = {  # record layouts the layout section compares: RecordLayout options
+    "units inside words": dict(),
+    "units back to back": dict(word_units=False),
+    "coordinate order": dict(permute=False),
+}
+
+
+def quantizer_pair(bits: float, layout: str = "units inside words", **config):
+    """Key and value quantizers of Llama-8B KV shape, their records in ``layout`` (a key of
+    :data:`LAYOUTS`); ``config``: quantizer options (e.g. ``codebook``)."""
     pair = []
     for seed in (0, 1):
         q = random_quantizer(HKV, DIM, bits, seed=seed, **config)
-        if legacy:
-            q.layout = RecordLayout(q.widths, permute=False)
+        if LAYOUTS[layout]:
+            q.layout = RecordLayout(q.widths, **LAYOUTS[layout])
         pair.append(q)
     return tuple(pair)
 
@@ -287,17 +295,24 @@ TABLE_HEAD = (
 )
 
 
+def layout_kind(q) -> str:
+    """Whether a quantizer's units fill whole words, lie inside words, or straddle words."""
+    t = tables_of(q)
+    return "whole words" if t.aligned else "straddling" if t.crosses else "inside words"
+
+
 def layout_comparison(args, budget: int, log) -> list[dict]:
-    """The same kernel on the permuted record layout vs codes in coordinate order (units of 4)."""
+    """The same kernel on each record layout of :data:`LAYOUTS` (batch 8, 32k context)."""
     rows = []
     for bits in args.bits:
-        for legacy in (False, True):
-            pair = quantizer_pair(bits, legacy=legacy)
+        for layout in LAYOUTS:
+            pair = quantizer_pair(bits, layout)
             r = time_fused(pair, 8, 32768, budget, True, **args.tuned[bits])
-            rows.append(dict(bits=bits, layout="coordinate order" if legacy else "permuted units",
-                             slots=pair[0].layout.slots, graph_us=r["graph_us"],
+            kinds = [layout_kind(q) for q in pair]
+            rows.append(dict(bits=bits, layout=layout, slots=pair[0].layout.slots, key_units=kinds[0],
+                             value_units=kinds[1], graph_us=r["graph_us"],
                              rel_err_vs_reference=r["rel_err_vs_reference"]))
-            log(f"  layout bits={bits} {rows[-1]['layout']:>16} (slots {rows[-1]['slots']:>2}): "
+            log(f"  layout bits={bits} {layout:>18} (slots {rows[-1]['slots']:>2}, K {kinds[0]}, V {kinds[1]}): "
                 f"{r['graph_us']:.1f} us, rel err {r['rel_err_vs_reference']:.1e}")
             torch.cuda.empty_cache()
     return rows

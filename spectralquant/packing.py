@@ -2,15 +2,19 @@
 
 A record is a little-endian bit stream of the codes in a *stored order*: a permutation of the
 coordinates chosen per row (per head) so that every group of ``slots`` consecutive stored codes
-(a *unit*) spans at most 32 bits. A kernel then fetches one unit with one or two 32-bit word
-loads and extracts its codes with a shift and a mask each, and when ``sum(b) == 32 * units``
-every unit fills exactly one 32-bit word. Coordinate ``i`` with width ``b_i`` occupies stream bits
-``[o_i, o_i + b_i)`` (``offsets``), least significant bit first; stream bit ``s`` is bit
+(a *unit*) spans at most 32 bits. A kernel then fetches one unit with a 32-bit word load and
+extracts its codes with a shift and a mask each. Where it can, the layout puts every unit inside
+one 32-bit word (whole units per word, the words filled in order; a word may end in unused bits
+when the record has room to spare); otherwise units follow each other back to back and some
+straddle two words (a second load and a 64-bit shift in the kernel). When ``sum(b) == 32 *
+units`` every unit fills exactly one word. Coordinate ``i`` with width ``b_i`` occupies stream
+bits ``[o_i, o_i + b_i)`` (``offsets``), least significant bit first; stream bit ``s`` is bit
 ``s % 8`` of byte ``s // 8``. Read as one little-endian integer, a record equals
 ``sum_i code_i << o_i``. The record length is ``ceil(sum(b) / 8)`` bytes, rounded up to whole
 32-bit words when the row length ``D`` is a power of two >= 16 (the head dims the kernels take,
 so records stay word aligned); unused bits are zero. Widths are 0-8; a 0-bit coordinate takes no space and unpacks
-as 0. ``permute=False`` keeps the coordinate order (a plain bit stream; units of 4 codes).
+as 0. ``permute=False`` keeps the coordinate order (a plain bit stream; units of 4 codes), and
+``word_units=False`` keeps permuted units back to back (for comparisons).
 """
 
 from __future__ import annotations
@@ -51,11 +55,77 @@ def _group(widths: list[int], slots: int) -> list[int] | None:
     return [i for m in members for i in sorted(m, key=lambda i: (-widths[i], i))]
 
 
-def _plan(w: torch.Tensor, permute: bool) -> tuple[int, torch.Tensor]:
-    """Slots per unit and the stored order ``[rows, D]`` for widths ``[rows, D]``."""
+def _fill_words(widths: list[int], slots: int, words: int) -> tuple[list[int], list[int]] | None:
+    """Codes in units of ``slots`` that each lie inside one of ``words`` 32-bit words (each word
+    holding whole units, ``units // words`` or one more): ``(stored order, offsets)``, or None if a
+    short search finds none. Codes go, widest first, to the word with the most bits left per free
+    slot, so words meant for many narrow codes keep room for them; a branch is abandoned as soon as
+    the bits its words must leave unused exceed the record's spare bits. Words are stored in order,
+    each widest code first, codes back to back from the word's first bit; a 0-bit code's offset is
+    its word's first bit (so a unit of 0-bit codes never points past the record)."""
+    d = len(widths)
+    units = d // slots
+    if units * slots != d or not 0 < words <= units:
+        return None
+    per, extra = divmod(units, words)
+    bits = [UNIT_BITS] * words
+    free = [(per + (w < extra)) * slots for w in range(words)]
+    spare = UNIT_BITS * words - sum(widths)
+    items = sorted(range(d), key=lambda i: (-widths[i], i))
+    home = [0] * d
+    budget = [8 * d]  # search nodes: success needs d; a miss should cost little
+
+    def unavoidable_waste(next_width: int) -> int:
+        return sum(b if f == 0 else max(0, b - f * next_width) for b, f in zip(bits, free))
+
+    def place(k: int) -> bool:
+        if k == d:
+            return True
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        x = widths[items[k]]
+        nxt = widths[items[k + 1]] if k + 1 < d else 0
+        tried = set()
+        for w in sorted(range(words), key=lambda w: -bits[w] / free[w] if free[w] else 0.0):
+            if free[w] == 0 or bits[w] < x or (bits[w], free[w]) in tried:
+                continue
+            tried.add((bits[w], free[w]))  # words in the same state are interchangeable
+            bits[w] -= x
+            free[w] -= 1
+            if unavoidable_waste(nxt) <= spare and place(k + 1):
+                home[items[k]] = w
+                return True
+            bits[w] += x
+            free[w] += 1
+        return False
+
+    if not place(0):
+        return None
+    order = sorted(range(d), key=lambda i: (home[i], -widths[i], i))
+    offsets = [0] * d
+    used = [0] * words
+    for i in order:
+        offsets[i] = UNIT_BITS * home[i] + (used[home[i]] if widths[i] else 0)
+        used[home[i]] += widths[i]
+    return order, offsets
+
+
+def _plan(w: torch.Tensor, permute: bool, word_units: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Slots per unit, the stored order ``[rows, D]`` and the offsets ``[rows, D]`` for widths
+    ``[rows, D]``."""
     rows, d = w.shape
     if d == 0:
-        return SLOT_CHOICES[-1], w.clone()
+        return SLOT_CHOICES[-1], w.clone(), w.clone()
+    if permute and word_units and word_aligned(d):
+        words = -(-int(w[0].sum()) // UNIT_BITS)
+        for slots in SLOT_CHOICES:
+            if slots > d:
+                continue
+            plans = [_fill_words(row, slots, words) for row in w.tolist()]
+            if all(p is not None for p in plans):
+                order, offsets = (torch.tensor([p[k] for p in plans], dtype=torch.int64) for k in (0, 1))
+                return slots, order, offsets
     for slots in SLOT_CHOICES:
         if slots > d and slots != SLOT_CHOICES[-1]:
             continue
@@ -63,12 +133,17 @@ def _plan(w: torch.Tensor, permute: bool) -> tuple[int, torch.Tensor]:
             pos = torch.arange(d)
             units = torch.zeros(rows, -(-d // slots) if d else 0, dtype=torch.int64).index_add_(1, pos // slots, w)
             if (units <= UNIT_BITS).all():
-                return slots, pos.expand(rows, d).clone()
+                order = pos.expand(rows, d).clone()
+                break
             continue
         orders = [_group(row, slots) for row in w.tolist()]
         if all(o is not None for o in orders):
-            return slots, torch.tensor(orders, dtype=torch.int64).reshape(rows, d)
-    raise AssertionError("unreachable: 4 codes of at most 8 bits always fit in 32 bits")
+            order = torch.tensor(orders, dtype=torch.int64).reshape(rows, d)
+            break
+    else:
+        raise AssertionError("unreachable: 4 codes of at most 8 bits always fit in 32 bits")
+    stored = torch.gather(w, 1, order)
+    return slots, order, torch.empty_like(w).scatter_(1, order, torch.cumsum(stored, 1) - stored)
 
 
 class RecordLayout:
@@ -81,7 +156,7 @@ class RecordLayout:
     validation or host work.
     """
 
-    def __init__(self, widths: torch.Tensor, permute: bool = True):
+    def __init__(self, widths: torch.Tensor, permute: bool = True, word_units: bool = True):
         if widths.dtype.is_floating_point or widths.dtype == torch.bool:
             raise TypeError(f"widths must be an integer tensor, got {widths.dtype}")
         if widths.dim() == 0:
@@ -98,10 +173,8 @@ class RecordLayout:
         self.total_bits = int(totals[0]) if flat.shape[0] else 0
         words = -(-self.total_bits // UNIT_BITS)
         self.nbytes = 4 * words if word_aligned(d) else (self.total_bits + 7) // 8
-        self.slots, order = _plan(flat, permute)
+        self.slots, order, offsets = _plan(flat, permute, word_units)
         self.units = -(-d // self.slots) if d else 0
-        stored = torch.gather(flat, 1, order)
-        offsets = torch.empty_like(flat).scatter_(1, order, torch.cumsum(stored, 1) - stored)
         self.order = order.reshape(w.shape)
         self.offsets = offsets.reshape(w.shape)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}

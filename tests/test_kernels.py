@@ -55,8 +55,8 @@ def vectors(q, n: int, seed: int) -> torch.Tensor:
 
 CODEC_CASES = [
     dict(dim=16, bits=4),  # units fill whole words
-    dict(dim=32, bits=3),  # units straddle words
-    dict(dim=64, bits=5, allocation="uniform"),  # 8 codes would need 40 bits: 4 codes per unit
+    dict(dim=32, bits=3),  # two units share a word
+    dict(dim=64, bits=5, allocation="uniform"),  # 8 codes would need 40 bits: units of 4 that straddle words
     dict(dim=32, bits=2, codebook="fitted"),
     dict(dim=32, bits=3, codebook="linear"),  # the kernels skip the cubic and quintic terms
     dict(dim=16, bits=2.5, scale=False, center=False),

@@ -11,8 +11,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 
-# (head dim, (key bits, value bits)): units filling whole words, straddling words, 16 codes, 4 codes.
-LAYOUTS = [(64, (4, 4)), (128, (3, 3)), (256, (2.5, 2)), (128, (5, 8)), (256, (4, 3)), (64, (3, 2.5))]
+# (head dim, (key bits, value bits)): units filling whole words, units inside words (several per
+# word), 16 codes per unit, keys in units of 4 that straddle words, both straddling.
+LAYOUTS = [(64, (4, 4)), (128, (3, 3)), (256, (2.5, 2)), (128, (5, 8)), (256, (4, 3)), (64, (3, 2.5)),
+           (64, (4.5, 5))]
 
 
 def poison() -> None:

@@ -43,20 +43,48 @@ def test_record_is_the_little_endian_integer_sum_of_shifted_codes(ws, seed, perm
     assert torch.equal(layout.unpack(layout.pack(codes)), codes)
 
 
-@given(widths_st, st.booleans())
-def test_codes_sit_back_to_back_in_stored_order_in_units_of_at_most_32_bits(ws, permute):
+def unit_spans(layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last stream bit of each unit (a row layout), over its used codes."""
+    w, o = layout.widths[layout.order], layout.offsets[layout.order]
+    big = 1 << 30
+    first = torch.where(w > 0, o, big).reshape(-1, layout.slots).min(1).values
+    end = (o + w).reshape(-1, layout.slots).max(1).values
+    return first, end
+
+
+@given(widths_st, st.booleans(), st.booleans())
+def test_units_hold_at_most_32_bits_and_codes_never_overlap(ws, permute, word_units):
     widths = torch.tensor(ws)
-    layout = RecordLayout(widths, permute=permute)
+    layout = RecordLayout(widths, permute=permute, word_units=word_units)
     assert sorted(layout.order.tolist()) == list(range(len(ws)))
     if not permute:
         assert layout.order.tolist() == list(range(len(ws)))
-    stored = widths[layout.order]
-    assert torch.equal(layout.offsets[layout.order], torch.cumsum(stored, 0) - stored)
     assert layout.slots in (4, 8, 16, 32) and layout.units == -(-len(ws) // layout.slots)
-    unit_bits = torch.zeros(layout.units, dtype=torch.long).index_add_(
-        0, torch.arange(len(ws)) // layout.slots, stored
-    )
-    assert int(unit_bits.max()) <= 32
+    stored, offsets = widths[layout.order], layout.offsets[layout.order]
+    padded = torch.nn.functional.pad(stored, (0, layout.units * layout.slots - len(ws)))
+    assert int(padded.reshape(layout.units, layout.slots).sum(1).max()) <= 32
+    # Within a unit, each used code starts where the one before it ends.
+    same_unit = torch.arange(1, len(ws)) // layout.slots == torch.arange(len(ws) - 1) // layout.slots
+    follows = same_unit & (stored[1:] > 0)
+    assert torch.equal(offsets[1:][follows], (offsets[:-1] + stored[:-1])[follows])
+
+
+@given(st.sampled_from([16, 32, 64, 128, 256]), st.floats(1.0, 4.0), st.integers(0, 2**31))
+def test_spectrum_like_widths_put_every_unit_inside_one_word(dim, bits, seed):
+    # Widths as a water-filling gives them: every value between a narrowest and a widest present,
+    # falling along the spectrum, a multiple of 32 bits in all (the budgets the presets use).
+    g = torch.Generator().manual_seed(seed)
+    total = max(32, round(bits * dim / 32) * 32)
+    widths = torch.zeros(dim, dtype=torch.long)
+    for _ in range(total):  # one bit at a time to the coordinate with the best gain
+        gain = torch.exp2(-torch.arange(dim) * 6.0 / dim - 2.0 * widths) * (widths < 8)
+        widths[int(torch.argmax(gain + 1e-9 * torch.rand(dim, generator=g)))] += 1
+    layout = RecordLayout(widths)
+    first, end = unit_spans(layout)
+    inside = (first == 1 << 30) | (first // 32 == (end - 1) // 32)
+    assert bool(inside.all()), f"a unit straddles a word at {bits:.2f} bits, head_dim {dim}"
+    assert layout.nbytes == total // 8
+    assert int(layout.offsets.max()) < 8 * layout.nbytes
 
 
 def test_waterfill_like_widths_fill_whole_words_with_eight_codes_each():
