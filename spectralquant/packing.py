@@ -68,6 +68,9 @@ def _fill_words(widths: list[int], slots: int, words: int) -> tuple[list[int], l
     if units * slots != d or not 0 < words <= units:
         return None
     per, extra = divmod(units, words)
+    narrow = sorted(widths)
+    if sum(narrow[: extra * (per + 1) * slots]) > UNIT_BITS * extra:
+        return None  # the words with the most slots cannot hold even the narrowest codes
     bits = [UNIT_BITS] * words
     free = [(per + (w < extra)) * slots for w in range(words)]
     spare = UNIT_BITS * words - sum(widths)
@@ -122,8 +125,12 @@ def _plan(w: torch.Tensor, permute: bool, word_units: bool) -> tuple[int, torch.
         for slots in SLOT_CHOICES:
             if slots > d:
                 continue
-            plans = [_fill_words(row, slots, words) for row in w.tolist()]
-            if all(p is not None for p in plans):
+            plans = []
+            for row in w.tolist():
+                plans.append(_fill_words(row, slots, words))
+                if plans[-1] is None:
+                    break
+            else:
                 order, offsets = (torch.tensor([p[k] for p in plans], dtype=torch.int64) for k in (0, 1))
                 return slots, order, offsets
     for slots in SLOT_CHOICES:

@@ -98,6 +98,18 @@ def test_waterfill_like_widths_fill_whole_words_with_eight_codes_each():
     assert RecordLayout(widths, permute=False).slots == 4
 
 
+def test_near_uniform_widths_fall_back_to_units_back_to_back():
+    # 52 of 64 codes at 3 bits in 6 words: a word takes at most 10 such codes, whole units give 8 or
+    # 12, so no order keeps units inside words; the layout is then the back-to-back one.
+    widths = torch.tensor([2] * 6 + [3] * 52 + [4] * 6)
+    layout, back = RecordLayout(widths), RecordLayout(widths, word_units=False)
+    assert layout.nbytes == back.nbytes == 24
+    assert layout.slots == back.slots
+    assert torch.equal(layout.order, back.order) and torch.equal(layout.offsets, back.offsets)
+    first, end = unit_spans(layout)
+    assert bool((first // 32 != (end - 1) // 32).any())
+
+
 @given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31))
 def test_per_head_widths_with_equal_totals_round_trip(heads, dim, seed):
     g = torch.Generator().manual_seed(seed)
