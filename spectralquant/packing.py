@@ -76,16 +76,17 @@ def _fill_words(widths: list[int], slots: int, words: int) -> tuple[list[int], l
     spare = UNIT_BITS * words - sum(widths)
     items = sorted(range(d), key=lambda i: (-widths[i], i))
     home = [0] * d
-    budget = [8 * d]  # search nodes: success needs d; a miss should cost little
+    budget = 8 * d  # search steps: success takes d; a miss should cost little
 
     def unavoidable_waste(next_width: int) -> int:
         return sum(b if f == 0 else max(0, b - f * next_width) for b, f in zip(bits, free))
 
     def place(k: int) -> bool:
+        nonlocal budget
         if k == d:
             return True
-        budget[0] -= 1
-        if budget[0] < 0:
+        budget -= 1
+        if budget < 0:
             return False
         x = widths[items[k]]
         nxt = widths[items[k + 1]] if k + 1 < d else 0
@@ -159,8 +160,8 @@ class RecordLayout:
     Every row must have the same total bits, so all records share one length. Attributes:
     ``order [..., D]`` (coordinate stored at each position), ``offsets [..., D]`` (first stream
     bit of each coordinate), ``slots`` (codes per unit), ``units`` (``ceil(D / slots)``),
-    ``total_bits`` and ``nbytes``. Build it once and reuse it: packing and unpacking then do no
-    validation or host work.
+    ``total_bits`` and ``nbytes``. ``permute`` and ``word_units`` choose the stored order (module
+    doc). Build it once and reuse it: packing and unpacking then do no validation or host work.
     """
 
     def __init__(self, widths: torch.Tensor, permute: bool = True, word_units: bool = True):
