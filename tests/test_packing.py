@@ -43,11 +43,13 @@ def test_record_is_the_little_endian_integer_sum_of_shifted_codes(ws, seed, perm
     assert torch.equal(layout.unpack(layout.pack(codes)), codes)
 
 
+NO_CODES = 1 << 30  # unit_spans' first bit of a unit whose codes are all 0-bit
+
+
 def unit_spans(layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """First and one-past-last stream bit of each unit (a row layout), over its used codes."""
     w, o = layout.widths[layout.order], layout.offsets[layout.order]
-    big = 1 << 30
-    first = torch.where(w > 0, o, big).reshape(-1, layout.slots).min(1).values
+    first = torch.where(w > 0, o, NO_CODES).reshape(-1, layout.slots).min(1).values
     end = (o + w).reshape(-1, layout.slots).max(1).values
     return first, end
 
@@ -63,6 +65,8 @@ def test_units_hold_at_most_32_bits_and_codes_never_overlap(ws, permute, word_un
     stored, offsets = widths[layout.order], layout.offsets[layout.order]
     padded = torch.nn.functional.pad(stored, (0, layout.units * layout.slots - len(ws)))
     assert int(padded.reshape(layout.units, layout.slots).sum(1).max()) <= 32
+    if not (permute and word_units):  # units back to back: the whole record is one running sum
+        assert torch.equal(offsets, torch.cumsum(stored, 0) - stored)
     # Within a unit, each used code starts where the one before it ends.
     same_unit = torch.arange(1, len(ws)) // layout.slots == torch.arange(len(ws) - 1) // layout.slots
     follows = same_unit & (stored[1:] > 0)
@@ -81,7 +85,7 @@ def test_spectrum_like_widths_put_every_unit_inside_one_word(dim, bits, seed):
         widths[int(torch.argmax(gain + 1e-9 * torch.rand(dim, generator=g)))] += 1
     layout = RecordLayout(widths)
     first, end = unit_spans(layout)
-    inside = (first == 1 << 30) | (first // 32 == (end - 1) // 32)
+    inside = (first == NO_CODES) | (first // 32 == (end - 1) // 32)
     assert bool(inside.all()), f"a unit straddles a word at {bits:.2f} bits, head_dim {dim}"
     assert layout.nbytes == total // 8
     assert int(layout.offsets.max()) < 8 * layout.nbytes
