@@ -14,7 +14,9 @@ Reference: :func:`~spectralquant.kernels.reference.compressed_attention_referenc
    skipped here. Program ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window)
    in the natural basis.
 2. ``_combine_kernel``, grid ``(H, B, D / 32)``: merges the normalized partial outputs of all
-   splits in one online-softmax pass, for 32 output coordinates per program.
+   splits in one online-softmax pass, for 32 output coordinates per program. On Hopper and later
+   it is launched as a programmatic dependent launch: scheduled while the split kernel runs, it
+   waits (``gdc_wait``) for that kernel's partials.
 
 Keys stored before RoPE (``kv.key_rope``, a :class:`~spectralquant.rope.LinearRope`) cannot use
 the rotated query: RoPE turns each key by its own position. The history program then decodes each
@@ -28,9 +30,13 @@ RoPE only with a full rotary dimension, head_dim >= 32 and fixed frequencies.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
+from triton.backends.nvidia.compiler import CUDAOptions
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..compressed_kv import CompressedKV
 from ..rope import LinearRope
@@ -38,6 +44,7 @@ from .tables import KernelTables, tables_of, unsupported_reason
 from .triton_codec import load_poly, load_slot_tables, load_units, stored_to_scale, unit_levels
 
 LOG2E = 1.4426950408889634
+PDL_SUPPORTED = any(f.name == "launch_pdl" for f in dataclasses.fields(CUDAOptions))  # Triton >= 3.4
 MAX_ROWS = 128  # G * Lq query rows per program
 CHUNK = 32  # rotations are done in chunks of this many coordinates
 COMBINE_DC = 32  # output coordinates per combine program
@@ -189,8 +196,10 @@ def _split_kernel(
     K_IS_POLY: tl.constexpr, V_IS_POLY: tl.constexpr, F16: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
-    FENCE: tl.constexpr, ROPE: tl.constexpr,
+    FENCE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()  # the combine may be scheduled now; it waits for this grid's results
     split = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -319,6 +328,7 @@ def _split_kernel(
 def _combine_kernel(
     PO, PM, PL, O, sob, soh, sol, n_parts,
     G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, SB: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -331,6 +341,8 @@ def _combine_kernel(
     m_run = tl.full((R,), float("-inf"), tl.float32)
     l_run = tl.zeros((R,), tl.float32)
     o_run = tl.zeros((R, DC), tl.float32)
+    if PDL:
+        gdc_wait()  # launched early (programmatic dependent launch): wait for the split kernel's partials
     for k0 in range(0, n_parts, SB):
         k = k0 + tl.arange(0, SB)
         ok = (k < n_parts)[:, None] & row_ok[None, :]
@@ -464,6 +476,9 @@ def compressed_attention_triton(
     rope = kv.key_rope
     rope_freq = rope.inv_freq.to(query.device) if rope is not None else pm
     rope_offsets = rope.offset_table(bt, query.device) if rope is not None else pm
+    # Programmatic dependent launch (Hopper and later): the combine is launched while the split kernel
+    # runs and waits for its results, hiding part of its launch latency (H100, batch 1 / 4k: 17.5 -> 16.9 us).
+    pdl = PDL_SUPPORTED and query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
     maxnreg = opts["maxnreg"]
     if isinstance(maxnreg, tuple):
         maxnreg = maxnreg[kt.crosses or vt.crosses]
@@ -487,7 +502,7 @@ def compressed_attention_triton(
         K_IS_POLY=kt.poly_terms, V_IS_POLY=vt.poly_terms, F16=opts["fp16_levels"],
         HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
-        FENCE=query.is_cuda, ROPE=rope is not None,
+        FENCE=query.is_cuda, ROPE=rope is not None, PDL=pdl,
         num_warps=opts["num_warps"],
         **({"maxnreg": maxnreg} if maxnreg and query.is_cuda else {}),
     )
@@ -496,7 +511,7 @@ def compressed_attention_triton(
     sb = max(1, min(triton.next_power_of_2(parts), COMBINE_TILE // (r_rows * dc)))
     _combine_kernel[(h, b, d // dc)](
         po, pm, pl, out, out.stride(0), out.stride(1), out.stride(2), parts,
-        G=g, LQ=lq, R=r_rows, D=d, DC=dc, SB=sb, num_warps=4,
+        G=g, LQ=lq, R=r_rows, D=d, DC=dc, SB=sb, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
