@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 from spectralquant.codebook import MAX_BITS, gaussian_poly_coeffs, poly_basis  # noqa: E402
 from spectralquant.kernels import compressed_attention, compressed_attention_reference  # noqa: E402
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer  # noqa: E402
-from spectralquant.kernels.tables import poly_tables, tables_of, unsupported_reason  # noqa: E402
+from spectralquant.kernels.tables import layout_tables, poly_tables, tables_of, unsupported_reason  # noqa: E402
 from spectralquant.kernels.triton_attention import (  # noqa: E402
     _splits,
     attention_unsupported_reason,
@@ -165,6 +165,37 @@ def test_tensor_core_packing_equals_the_record_layout(widths, seed):
                              D=32, BN=16, NWP=16)
     assert torch.equal(got.cpu()[:, : want.shape[1]], want)
     assert not got.cpu()[:, want.shape[1]:].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    widths=st.lists(st.sampled_from([0, 0, 0, 1, 2, 3, 4, 5, 8]), min_size=32, max_size=32),
+    option=st.sampled_from([dict(), dict(word_units=False), dict(permute=False)]),
+    seed=st.integers(0, 2**16),
+)
+@example(widths=[4] * 24 + [0] * 8, option=dict(permute=False), seed=0)  # a last unit of 0-bit codes at the end
+def test_kernel_tables_read_every_code_from_inside_the_record(widths, option, seed):
+    # The kernels' reading of a record, in PyTorch: unit j's word(s) from unit_word, shifted by
+    # unit_shift, then each slot by slot_shift and slot_mask. Every word read must be in the record
+    # (units of only 0-bit codes included), and the codes must come out in stored order.
+    w = torch.tensor([widths])
+    assume(int(w.sum()) > 0)
+    layout = RecordLayout(w, **option)
+    t = layout_tables(layout)
+    n = t["words"]
+    bits = w.gather(1, layout.order).reshape(layout.units, -1).sum(-1)
+    end = 32 * t["unit_word"][0] + t["unit_shift"][0] + bits
+    assert int(t["unit_word"].max()) < n and int(end.max()) <= 32 * n
+    assert t["crosses"] == bool((t["unit_shift"][0] + bits > 32).any())
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**16, (1, 32), generator=gen) & ((1 << w) - 1)
+    rec = torch.nn.functional.pad(layout.pack(codes).long(), (0, 4 * n - layout.nbytes))
+    words = (rec.reshape(n, 4) << torch.tensor([0, 8, 16, 24])).sum(-1)
+    uw = t["unit_word"][0].long()
+    both = words[uw] | (words[(uw + 1).clamp_max(n - 1)] << 32)
+    unit = (both >> t["unit_shift"][0].long()) & 0xFFFFFFFF
+    got = (unit[:, None] >> t["slot_shift"][0].reshape(layout.units, -1)) & t["slot_mask"][0].reshape(layout.units, -1)
+    assert torch.equal(got.flatten(), codes[0, layout.order[0]])
 
 
 def test_poly_terms_tell_linear_from_quintic_codebooks():

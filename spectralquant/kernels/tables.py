@@ -109,8 +109,11 @@ def layout_tables(layout: RecordLayout) -> dict[str, torch.Tensor | int | bool]:
         raise ValueError(f"layout has {layout.units} units of {layout.slots} slots for {d} coordinates")
     w_p = torch.gather(widths, 1, order)
     o_p = torch.gather(offsets, 1, order)
-    start = o_p[:, :: layout.slots]  # [H, NU] first bit of each unit
     unit_bits = w_p.reshape(h, layout.units, layout.slots).sum(-1)
+    # First bit of each unit. A unit of only 0-bit codes reads nothing it uses, but may start at the
+    # record's end (units back to back in coordinate order): it reads word 0 instead, so no kernel
+    # loads a word past the record (past the tensor, for the last token).
+    start = torch.where(unit_bits > 0, o_p[:, :: layout.slots], 0)  # [H, NU]
     rel = o_p - start.repeat_interleave(layout.slots, 1)
     words = layout.words
     return dict(
