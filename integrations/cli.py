@@ -94,7 +94,17 @@ def cmd_inspect(args) -> None:
     calib = sq.Calibration.load(args.calibration)
     sig = calib.signature
     config = sq.resolve_config(args.preset, **_dials(args.set))
-    codecs = build_codecs(calib, config)
+    windows = None
+    if args.model is not None:
+        from spectralquant.adapters import find_adapter
+
+        windows = find_adapter(_load_model(args.model, "float32", "cpu")[0]).sliding_windows()
+    elif config.budget_context is not None:
+        raise SystemExit(
+            "error: budget_context counts each layer's bits by its sliding attention window, which the "
+            "calibration file does not record: pass --model (the model it was measured on)"
+        )
+    codecs = build_codecs(calib, config, windows)
     print(f"model {sig.name or '?'} ({sig.model_type or '?'}): {sig.num_layers} layers, "
           f"KV heads {sorted(set(sig.kv_heads))}, head_dim {sorted(set(sig.head_dims))}; "
           f"keys {calib.key_domain()}; {calib.info}")
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="standard")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--model", help="the calibrated model (" + MODEL_HELP + "), for its sliding windows: "
+                   "needed with budget_context, as sq.wrap counts bits with them")
     p.set_defaults(func=cmd_inspect)
 
     args = parser.parse_args(argv)

@@ -137,6 +137,10 @@ def test_cli(smollm2, tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown option"):
         cli_main(["inspect", str(path), "--set", "bitz=3"])
+    with pytest.raises(SystemExit, match="pass --model"):
+        cli_main(["inspect", str(path), "--set", "budget_context=4096"])
+    cli_main(["inspect", str(path), "--set", "budget_context=4096", "--model", "smollm2", "--layer", "0"])
+    assert "(bytes held at 4096 tokens)" in capsys.readouterr().out
 
 
 def test_cli_calibrates_keys_before_rope_on_request(smollm2, tmp_path, capsys, monkeypatch):
