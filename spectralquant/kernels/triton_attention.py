@@ -216,6 +216,31 @@ def _split_kernel(
     l_i = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, D), tl.float32)
     if split < n_splits:
+        pos0 = key_first - sink_lo
+        k_uw, k_ush, k_ssh, k_smask = load_slot_tables(
+            K_UW + h * K_NU, K_USH + h * K_NU, K_SSH + h * D, K_SMASK + h * D, K_NU, K_S
+        )
+        v_uw, v_ush, v_ssh, v_smask = load_slot_tables(
+            V_UW + h * V_NU, V_USH + h * V_NU, V_SSH + h * D, V_SMASK + h * D, V_NU, V_S
+        )
+        k_ps, k_ph, k_a1, k_a3, k_a5 = load_poly(K_POLY + h * 5 * D, K_NU, K_S, K_IS_POLY, F16)
+        v_ps, v_ph, v_a1, v_a3, v_a5 = load_poly(V_POLY + h * 5 * D, V_NU, V_S, V_IS_POLY, F16)
+        k_lut = K_LUT + h * K_LUTN
+        v_lut = V_LUT + h * V_LUTN
+        k_rec = KR + b64 * skb + h.to(tl.int64) * skh
+        v_rec = VR + b64 * svb + h.to(tl.int64) * svh
+        k_sc = KSC + b64 * sksb + h * sksh
+        v_sc = VSC + b64 * svsb + h * svsh
+        start = split * split_len
+        end = tl.minimum(start + split_len, n_compressed)
+        # Software pipelining by hand: the records of block i+1 are loaded while block i is worked on
+        # (faster than the compiler's ``tl.range`` pipelining in every setting measured on the H100).
+        # The first block's loads go out before the query's rotation (1-3% faster on the H100).
+        t = start + tl.arange(0, BT)
+        k_lo, k_hi, v_lo, v_hi, ksc, vsc = _load_block(
+            k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t < end, k_uw, v_uw, K_NU, K_NW, K_ALIGNED,
+            K_CROSSES, V_NU, V_NW, V_ALIGNED, V_CROSSES, K_SCALED, V_SCALED, K_LOG, V_LOG,
+        )
         if ROPE:
             # Keys stored before RoPE: the query stays in the natural basis, split into its RoPE
             # halves, and each block's keys are decoded into those halves (basis * sigma, transposed).
@@ -242,30 +267,6 @@ def _split_kernel(
             qs = (qs * qk_scale).to(tl.float16)
             qm = qm * qk_scale
             q1, q2, kb1, kb2, km1, km2, inv_freq, hd = qs, qs, qs, qs, qm, qm, qm, d  # unused
-        pos0 = key_first - sink_lo
-        k_uw, k_ush, k_ssh, k_smask = load_slot_tables(
-            K_UW + h * K_NU, K_USH + h * K_NU, K_SSH + h * D, K_SMASK + h * D, K_NU, K_S
-        )
-        v_uw, v_ush, v_ssh, v_smask = load_slot_tables(
-            V_UW + h * V_NU, V_USH + h * V_NU, V_SSH + h * D, V_SMASK + h * D, V_NU, V_S
-        )
-        k_ps, k_ph, k_a1, k_a3, k_a5 = load_poly(K_POLY + h * 5 * D, K_NU, K_S, K_IS_POLY, F16)
-        v_ps, v_ph, v_a1, v_a3, v_a5 = load_poly(V_POLY + h * 5 * D, V_NU, V_S, V_IS_POLY, F16)
-        k_lut = K_LUT + h * K_LUTN
-        v_lut = V_LUT + h * V_LUTN
-        k_rec = KR + b64 * skb + h.to(tl.int64) * skh
-        v_rec = VR + b64 * svb + h.to(tl.int64) * svh
-        k_sc = KSC + b64 * sksb + h * sksh
-        v_sc = VSC + b64 * svsb + h * svsh
-        start = split * split_len
-        end = tl.minimum(start + split_len, n_compressed)
-        # Software pipelining by hand: the records of block i+1 are loaded while block i is worked on
-        # (faster than the compiler's ``tl.range`` pipelining in every setting measured on the H100).
-        t = start + tl.arange(0, BT)
-        k_lo, k_hi, v_lo, v_hi, ksc, vsc = _load_block(
-            k_rec, v_rec, k_sc, v_sc, skt, svt, skst, svst, t, t < end, k_uw, v_uw, K_NU, K_NW, K_ALIGNED,
-            K_CROSSES, V_NU, V_NW, V_ALIGNED, V_CROSSES, K_SCALED, V_SCALED, K_LOG, V_LOG,
-        )
         for t0 in range(start, end, BT):
             t = t0 + tl.arange(0, BT)
             nt = t + BT
