@@ -48,7 +48,7 @@ PDL_SUPPORTED = any(f.name == "launch_pdl" for f in dataclasses.fields(CUDAOptio
 MAX_ROWS = 128  # G * Lq query rows per program
 # The rotations (query into the key basis, partials back from the value basis) go in chunks of
 # coordinates whose basis slice holds at most this many entries: 64 coordinates at head_dim 128, one
-# round of loads fewer than 32 (H100: batch 1 / 4k 19.5 -> 17.8 us at 4 bits, 2.25 bits batch 8 / 32k
+# round of loads fewer than 32 (H100: batch 1 / 4k 19.5 -> 17.9 us at 4 bits, 2.25 bits batch 8 / 32k
 # 378 -> 367 us); 32 at head_dim 256.
 ROTATION_TILE = 8192
 COMBINE_DC = 32  # output coordinates per combine program
