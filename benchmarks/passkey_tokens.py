@@ -23,7 +23,6 @@ Prints a table, writes JSON:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -40,7 +39,7 @@ import spectralquant as sq
 from spectralquant.compressed_kv import CompressedKV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.quality import answer_logprob, continue_greedy, load_calibration, passkey_prompt, prefill  # noqa: E402
+from benchmarks.quality import load_calibration, passkey_key, passkey_prompt, passkey_trial  # noqa: E402
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # (name, kinds read exactly, fraction of compressed tokens for the encoder rules)
@@ -139,7 +138,7 @@ def run(model, tok, make_cache, choice: Choice | None, length: int) -> dict:
     """Passkey hits and the key's teacher-forced log-probability (nats) over :data:`DEPTHS`."""
     hits, logprobs, shares, stats = 0, [], [], None
     for i, depth in enumerate(DEPTHS):
-        key = 10000 + (7919 * (i + 1) * length) % 90000
+        key = passkey_key(i, length)
         ids = passkey_prompt(tok, length, depth, key)
         cache = make_cache()
         if choice is not None:
@@ -147,15 +146,13 @@ def run(model, tok, make_cache, choice: Choice | None, length: int) -> dict:
             for layer in cache.layers:
                 layer.__class__ = ExactTokensLayer
                 layer.choice = choice
-        last = prefill(model, ids, cache, 256)
-        snapshot = copy.deepcopy(cache)
-        answer = tok.decode(continue_greedy(model, last, cache, 7))
-        hits += str(key) in answer.replace(" ", "")
-        key_ids = tok(f" {key}", return_tensors="pt", add_special_tokens=False).input_ids
-        logprobs.append(answer_logprob(model, last, snapshot, key_ids))
+        hit, logprob = passkey_trial(model, tok, ids, key, cache, 256)
+        hits += hit
+        logprobs.append(logprob)
         if choice is not None:
-            stats = snapshot.compression_stats()
-            compressed = snapshot.layers[0].compressed_length
+            # measured after the 7 answer tokens: still in the fp16 window, so the records are the prompt's
+            stats = cache.compression_stats()
+            compressed = cache.layers[0].compressed_length
             chosen = {"none": 0, "needle": len(choice.needle)}.get(choice.rule, choice.fraction * compressed)
             shares.append(chosen / compressed)
     row = dict(hits=hits, trials=len(DEPTHS), logprob=sum(logprobs) / len(logprobs), logprobs=logprobs)
@@ -163,7 +160,7 @@ def run(model, tok, make_cache, choice: Choice | None, length: int) -> dict:
         # A chosen token's chosen kinds stored at fp16 add their fp16 bytes; its record stays (an upper
         # bound on the cost).
         share = sum(shares) / len(shares)
-        compressed_fp16 = stats.fp16_bytes * snapshot.layers[0].compressed_length / snapshot.get_seq_length()
+        compressed_fp16 = stats.fp16_bytes * cache.layers[0].compressed_length / cache.get_seq_length()
         added = share * compressed_fp16 * len(choice.kinds) / 2  # keys and values each hold half the fp16 bytes
         row.update(share=share, ratio=stats.ratio, ratio_if_stored=stats.fp16_bytes / (stats.held_bytes + added))
     return row

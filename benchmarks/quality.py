@@ -263,24 +263,34 @@ def answer_logprob(model, last: torch.Tensor, cache, answer: torch.Tensor) -> fl
     return total
 
 
+def passkey_key(trial: int, length: int) -> int:
+    """The 5-digit key of passkey trial ``trial`` (0-based) at prompt length ``length``."""
+    return 10000 + (7919 * (trial + 1) * length) % 90000
+
+
+def passkey_trial(model, tok, ids: torch.Tensor, key: int, cache, chunk: int) -> tuple[bool, float]:
+    """Whether the greedy answer to the passkey prompt ``ids [1, T]``, prefilled through ``cache``,
+    contains ``key``, and the key's teacher-forced log-probability (nats). Both read one prefill
+    (the cache is copied; ``cache`` holds the greedy answer afterwards)."""
+    last = prefill(model, ids, cache, chunk)
+    snapshot = copy.deepcopy(cache)
+    answer = tok.decode(continue_greedy(model, last, cache, 7))
+    key_ids = tok(f" {key}", return_tensors="pt", add_special_tokens=False).input_ids
+    return str(key) in answer.replace(" ", ""), answer_logprob(model, last, snapshot, key_ids)
+
+
 def passkey_accuracy(model, tok, make_cache: Callable, lengths, depths, chunk: int) -> dict[str, dict[str, float]]:
     """Per length: ``accuracy``, the fraction of (depth) trials whose greedy answer contains the
     key, and ``logprob``, the mean over trials of the key's teacher-forced log-probability (nats;
-    a margin that a pass/fail count hides; ``logprobs`` per trial). Both read one prefill per
-    trial (the cache is copied)."""
+    a margin that a pass/fail count hides; ``logprobs`` per trial)."""
     result = {}
     for length in lengths:
         hits, logprobs = 0, []
         for i, depth in enumerate(depths):
-            key = 10000 + (7919 * (i + 1) * length) % 90000
-            ids = passkey_prompt(tok, length, depth, key)
-            cache = make_cache()
-            last = prefill(model, ids, cache, chunk)
-            snapshot = copy.deepcopy(cache)
-            answer = tok.decode(continue_greedy(model, last, cache, 7))
-            hits += str(key) in answer.replace(" ", "")
-            key_ids = tok(f" {key}", return_tensors="pt", add_special_tokens=False).input_ids
-            logprobs.append(answer_logprob(model, last, snapshot, key_ids))
+            key = passkey_key(i, length)
+            hit, logprob = passkey_trial(model, tok, passkey_prompt(tok, length, depth, key), key, make_cache(), chunk)
+            hits += hit
+            logprobs.append(logprob)
         result[str(length)] = dict(accuracy=hits / len(depths), logprob=sum(logprobs) / len(depths), logprobs=logprobs)
     return result
 
