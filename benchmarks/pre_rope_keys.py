@@ -34,7 +34,7 @@ from spectralquant.rope import apply_rope
 from spectralquant.stats import CovarianceAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.quality import passkey_prompt, text_ids  # noqa: E402
+from benchmarks.quality import passkey_key, passkey_prompt, text_ids  # noqa: E402
 
 SINKS = 4
 ARMS = ("pre-RoPE", "post-RoPE")
@@ -137,7 +137,7 @@ def main() -> None:
     depths = [float(d) for d in args.passkey_depths.split(",") if d]
     prompts = []
     for i, depth in enumerate(depths):
-        key = 10000 + (7919 * (i + 1) * args.passkey_length) % 90000
+        key = passkey_key(i, args.passkey_length)
         prompt = passkey_prompt(tok, args.passkey_length, depth, key)
         answer = tok(f" {key}", return_tensors="pt", add_special_tokens=False).input_ids
         prompts.append((torch.cat([prompt, answer], 1), answer.shape[1]))
