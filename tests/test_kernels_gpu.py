@@ -29,6 +29,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def test_paired_code_extraction_matches_shift_and_mask():
+    """The decode attention's PTX extraction of two codes at a time, against the plain shift and
+    mask, with every element at its own shift and width (so no pairing of elements is assumed)."""
+    import triton
+    import triton.language as tl
+
+    from spectralquant.kernels.triton_codec import paired_codes
+
+    @triton.jit
+    def extract(W, SH, M, OUT, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(OUT + i, paired_codes(tl.load(W + i), tl.load(SH + i), tl.load(M + i).to(tl.int16)))
+
+    n = 1 << 14
+    g = torch.Generator().manual_seed(5)
+    width = torch.randint(0, 9, (n,), generator=g)
+    shift = (torch.rand(n, generator=g) * (33 - width)).long().clamp(max=32 - width) % 32
+    words = torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64)
+    mask = (1 << width) - 1
+    want = (((words & 0xFFFFFFFF) >> shift) & mask) + 1024
+    out = torch.empty(n, dtype=torch.float16, device="cuda")
+    extract[(1,)](words.int().cuda(), shift.int().cuda(), mask.int().cuda(), out, N=n)
+    assert torch.equal(out.cpu().double(), want.double())
+
+
 @pytest.mark.parametrize("dim,bits", [(d, b[1]) for d, b in LAYOUTS], ids=str)
 def test_codec_matches_the_quantizer_on_many_vectors(dim, bits):
     from spectralquant.kernels.random_cache import random_quantizer

@@ -8,7 +8,8 @@ Reference: :func:`~spectralquant.kernels.reference.compressed_attention_referenc
    is rotated once into the key basis in stored order and scaled by sigma (``q_s``), so
    ``q.k = scale_t * (q_s . u_t) + q.mean`` with ``u_t`` the unit-codebook levels of the record,
    computed from the codes (a few multiply-adds for polynomial codebooks, a table lookup for
-   others) and fed to a tensor-core dot in fp16. Values accumulate
+   others; on the GPU polynomial codes of units inside words come two at a time through inline PTX,
+   :func:`~spectralquant.kernels.triton_codec.paired_codes`) and fed to a tensor-core dot in fp16. Values accumulate
    ``p_t * scale_t * u_t`` in the same unit basis; at the end the program multiplies the
    normalized partial by sigma and rotates it back (``x = V z + mean``). Sink positions are
    skipped here. Program ``s == splits`` handles the exact tokens (sinks and the fp16/bf16 window)
@@ -102,13 +103,13 @@ def _mask_cols(MASK, smb, sml, smt, b, l, cols, col_ok, row_ok, HAS_MASK: tl.con
 
 
 @triton.jit
-def _layout_fence(x, FENCE: tl.constexpr):
-    """``x`` (fp16) unchanged. On the GPU (``FENCE``; the interpreter has no inline PTX) an opaque copy
+def _layout_fence(x, PTX: tl.constexpr):
+    """``x`` (fp16) unchanged. On the GPU (``PTX``; the interpreter has no inline PTX) an opaque copy
     stops the compiler from computing ``x`` in the tensor-core operand layout it feeds: the key
     levels of a block are then decoded with each thread on few coordinates and many tokens, so the
     per-coordinate shift, mask and polynomial tables take a few registers instead of a few hundred,
     and the levels reach the operand layout through shared memory."""
-    if FENCE:
+    if PTX:
         x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False, pack=2)
     return x
 
@@ -158,12 +159,12 @@ def _attend_block(
     q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D,
     K_NU: tl.constexpr, K_S: tl.constexpr, K_ALIGNED: tl.constexpr, K_CROSSES: tl.constexpr, K_POLY: tl.constexpr,
     V_NU: tl.constexpr, V_S: tl.constexpr, V_ALIGNED: tl.constexpr, V_CROSSES: tl.constexpr, V_POLY: tl.constexpr,
-    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, FENCE: tl.constexpr, ROPE: tl.constexpr,
+    F16: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, PTX: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One online-softmax step over a block of compressed tokens ``t``: returns ``m_i, l_i, acc``."""
     uk = unit_levels(k_lo, k_hi, k_ush, k_ssh, k_smask, k_lut, k_s, k_h, k_a1, k_a3, k_a5, K_NU, K_S, K_ALIGNED,
-                     K_CROSSES, K_POLY, F16)
-    uk = _layout_fence(uk.to(tl.float16), FENCE)
+                     K_CROSSES, K_POLY, F16, PTX)
+    uk = _layout_fence(uk.to(tl.float16), PTX)
     if ROPE:
         s = _rope_scores(uk, ksc, t, t0, q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D)
     else:
@@ -173,7 +174,7 @@ def _attend_block(
     ok = _mask_cols(MASK, smb, sml, smt, b, l, t, t_ok & not_sink, row_ok, HAS_MASK)
     m_i, l_i, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
     uv = unit_levels(v_lo, v_hi, v_ush, v_ssh, v_smask, v_lut, v_s, v_h, v_a1, v_a3, v_a5, V_NU, V_S, V_ALIGNED,
-                     V_CROSSES, V_POLY, F16)
+                     V_CROSSES, V_POLY, F16, PTX)
     p = p * vsc[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), uv.to(tl.float16))
     return m_i, l_i, acc
@@ -200,7 +201,7 @@ def _split_kernel(
     K_IS_POLY: tl.constexpr, V_IS_POLY: tl.constexpr, F16: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
-    FENCE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+    PTX: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the combine may be scheduled now; it waits for this grid's results
@@ -284,7 +285,7 @@ def _split_kernel(
                 v_lo, v_hi, vsc, v_ush, v_ssh, v_smask, v_lut, v_ps, v_ph, v_a1, v_a3, v_a5,
                 q1, q2, kb1, kb2, km1, km2, inv_freq, hd, rope_scale, pos0, ROPE_D,
                 K_NU, K_S, K_ALIGNED, K_CROSSES, K_IS_POLY, V_NU, V_S, V_ALIGNED, V_CROSSES, V_IS_POLY,
-                F16, HAS_MASK, SOFTCAP, FENCE, ROPE,
+                F16, HAS_MASK, SOFTCAP, PTX, ROPE,
             )
             k_lo, k_hi, v_lo, v_hi, ksc, vsc = k_lo_n, k_hi_n, v_lo_n, v_hi_n, ksc_n, vsc_n
     else:
@@ -508,7 +509,7 @@ def compressed_attention_triton(
         K_IS_POLY=kt.poly_terms, V_IS_POLY=vt.poly_terms, F16=opts["fp16_levels"],
         HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
         BT=bt, BW=max(32, triton.next_power_of_2(n_sinks)), KC=kc,
-        FENCE=query.is_cuda, ROPE=rope is not None, PDL=pdl,
+        PTX=query.is_cuda, ROPE=rope is not None, PDL=pdl,
         num_warps=opts["num_warps"],
         **({"maxnreg": maxnreg} if maxnreg and query.is_cuda else {}),
     )

@@ -85,6 +85,14 @@ def poly_levels_at(code, s, h, a1, a3, a5):
 
 
 @triton.jit
+def poly_levels_of(c, s, h, a1, a3, a5, TERMS: tl.constexpr):
+    """Levels at float codes ``c`` under polynomial codebooks of ``TERMS`` odd terms (1: linear, 3: quintic)."""
+    if TERMS == 1:
+        return (c * s - h) * a1
+    return poly_levels_at(c, s, h, a1, a3, a5)
+
+
+@triton.jit
 def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr, TERMS: tl.constexpr):
     """Unit levels of ``codes`` under polynomial codebooks (``tables`` module doc) of ``TERMS`` odd
     terms (1: linear, 3: quintic), in fp16 or float32 as ``F16`` says; the coefficient tensors
@@ -94,9 +102,20 @@ def poly_levels(codes, s, h, a1, a3, a5, F16: tl.constexpr, TERMS: tl.constexpr)
         c = (codes | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
     else:
         c = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    if TERMS == 1:
-        return (c * s - h) * a1
-    return poly_levels_at(c, s, h, a1, a3, a5)
+    return poly_levels_of(c, s, h, a1, a3, a5, TERMS)
+
+
+@triton.jit
+def paired_codes(unit, shift, mask16):
+    """``1024 + code`` as fp16 for the codes at bit ``shift`` (int32) of words ``unit`` (int32),
+    ``mask16`` (int16) wide, two elements per step in PTX: shift both words, join their low halves
+    with a byte permute and mask and OR the fp16 exponent into both halves at once (4 instructions
+    per pair where the compiler emits 5). GPU only (inline PTX)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 a, b, c; shr.b32 a, $1, $3; shr.b32 b, $2, $4; prmt.b32 c, a, b, 0x5410; "
+        "lop3.b32 $0, c, $5, 0x64006400, 0xEA; }",
+        "=r,r,r,r,r,r", [unit, shift, mask16], dtype=tl.float16, is_pure=True, pack=2,
+    )
 
 
 @triton.jit
@@ -127,11 +146,17 @@ def poly_codes(u, top, s, h, a1, a3, a5, TERMS: tl.constexpr):
 @triton.jit
 def unit_levels(lo, hi, unit_shift, slot_shift, slot_mask, lut_ptr, s, h, a1, a3, a5, NU: tl.constexpr,
                 S: tl.constexpr, ALIGNED: tl.constexpr, CROSSES: tl.constexpr, POLY: tl.constexpr,
-                F16: tl.constexpr):
+                F16: tl.constexpr, PAIRED: tl.constexpr = False):
     """Levels ``[R, NU * S]`` (stored order) of the records whose unit words are ``lo``/``hi``:
     computed from the polynomial coefficients ``[NU, S]`` of :func:`load_poly` if ``POLY`` (its
     number of odd terms, ``KernelTables.poly_terms``; fp16 if ``F16``, else float32), else looked
-    up in ``lut_ptr`` (the table's dtype)."""
+    up in ``lut_ptr`` (the table's dtype). ``PAIRED`` (GPU only) extracts fp16 polynomial codes of
+    units inside words with :func:`paired_codes`."""
+    if PAIRED and F16 and POLY and not CROSSES:
+        shift = (unit_shift[:, None] + slot_shift).to(tl.int32)  # 0 + slot shift for word-aligned units
+        c = paired_codes(lo[:, :, None], shift[None, :, :], slot_mask.to(tl.int16)[None, :, :]) - 1024.0
+        levels = poly_levels_of(c, s[None, :, :], h[None, :, :], a1[None, :, :], a3[None, :, :], a5[None, :, :], POLY)
+        return tl.reshape(levels, (lo.shape[0], NU * S))
     codes = unit_codes(lo, hi, unit_shift, slot_shift, slot_mask, ALIGNED, CROSSES)
     if POLY:
         levels = poly_levels(codes, s[None, :, :], h[None, :, :], a1[None, :, :], a3[None, :, :], a5[None, :, :], F16,
