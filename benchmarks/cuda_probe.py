@@ -32,6 +32,7 @@ import torch
 
 from benchmarks.kernels import DIM, HKV, HQ, graph_time_us, quantizer_pair, sets_for, time_fused, time_sdpa
 from spectralquant.codebook import gaussian_poly_coeffs
+from spectralquant.quantizer import decode_scale
 
 BITS = 4
 ROWS = 8  # query rows per KV head the kernel handles (n = 8 of the m16n8k16 products)
@@ -217,10 +218,6 @@ def half2_words(values: list[float]) -> list[int]:
     return [w - 2**32 if w >= 2**31 else w for w in (int(x) * 0x10001 for x in h)]
 
 
-def scale_of(c: torch.Tensor) -> torch.Tensor:
-    return torch.where(c > 0, torch.exp2((c.float() - 128) / 16), torch.zeros((), device=c.device))
-
-
 def reference(qs, qm, kc, vc, ks, vs, ref_poly) -> torch.Tensor:
     """Attention output ``[BH, 8, 128]`` (value basis) over all ``T`` tokens, in float64."""
     s, h, a1, a3, a5 = ref_poly
@@ -229,9 +226,9 @@ def reference(qs, qm, kc, vc, ks, vs, ref_poly) -> torch.Tensor:
         y = c.double() * s - h
         return y * (a1 + y * y * (a3 + y * y * a5))
 
-    scores = torch.einsum("bqd,btd->bqt", qs.double(), lv(kc)) * scale_of(ks).double()[:, None, :]
+    scores = torch.einsum("bqd,btd->bqt", qs.double(), lv(kc)) * decode_scale(ks).double()[:, None, :]
     scores = scores + qm.double()[..., None]
-    p = torch.softmax(scores * math.log(2), -1) * scale_of(vs).double()[:, None, :]
+    p = torch.softmax(scores * math.log(2), -1) * decode_scale(vs).double()[:, None, :]
     return torch.einsum("bqt,btd->bqd", p, lv(vc))
 
 
