@@ -91,9 +91,9 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) probe_attention(
     const unsigned char* __restrict__ KS, const unsigned char* __restrict__ VS,
     const unsigned* __restrict__ QS, const float* __restrict__ QM,
     float* __restrict__ PO, float* __restrict__ PM, float* __restrict__ PL,
-    int T, int split_len, int n_splits, int rows, unsigned ks_, unsigned kk_, unsigned k1_, unsigned k3_,
-    unsigned k5_, unsigned vs_, unsigned vk_, unsigned v1_, unsigned v3_, unsigned v5_) {
-  const Poly pk = {ks_, kk_, k1_, k3_, k5_}, pv = {vs_, vk_, v1_, v3_, v5_};
+    int T, int split_len, int n_splits, int rows, unsigned s_, unsigned k_, unsigned a1_, unsigned a3_,
+    unsigned a5_) {
+  const Poly pp = {s_, k_, a1_, a3_, a5_};  // keys and values share the codebook (every coordinate at BITS)
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int split = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (split >= n_splits) return;
@@ -123,8 +123,8 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) probe_attention(
     for (int i = 0; i < 4; ++i) {
       for (int h = 0; h < 2; ++h) {  // k-slice j = 2 i + h: nibbles 2 h (b0) and 2 h + 1 (b1)
         const int j = 2 * i + h;
-        mma(s[h], qa[j], qb[j], levels2(codes2(kwa[i], 2 * h), pk), levels2(codes2(kwa[i], 2 * h + 1), pk));
-        mma(s[2 + h], qa[j], qb[j], levels2(codes2(kwb[i], 2 * h), pk), levels2(codes2(kwb[i], 2 * h + 1), pk));
+        mma(s[h], qa[j], qb[j], levels2(codes2(kwa[i], 2 * h), pp), levels2(codes2(kwa[i], 2 * h + 1), pp));
+        mma(s[2 + h], qa[j], qb[j], levels2(codes2(kwb[i], 2 * h), pp), levels2(codes2(kwb[i], 2 * h + 1), pp));
       }
     }
     // This thread's scores: row g, tokens tv[0..3] (c0, c1 of both n-tiles).
@@ -156,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) probe_attention(
       const unsigned z23 = prmt(w2, w3, 0x5410), z23h = prmt(w2, w3, 0x7632);
       for (int n = 0; n < 8; ++n) {
         const unsigned za = n < 4 ? z01 : z01h, zb = n < 4 ? z23 : z23h;
-        mma(o[8 * half + n], pa, pb, levels2(codes2(za, n & 3), pv), levels2(codes2(zb, n & 3), pv));
+        mma(o[8 * half + n], pa, pb, levels2(codes2(za, n & 3), pp), levels2(codes2(zb, n & 3), pp));
       }
     }
     cur = nxt;
@@ -285,7 +285,7 @@ class Probe:
         self.kernel(
             grid=(math.ceil(n / self.warps), bh, 1), block=(32 * self.warps, 1, 1),
             args=[x["kr"], x["vr"], x["ks"], x["vs"], x["qs"].view(torch.int32), x["qm"], po, pm, pl,
-                  context, length, n, HQ // HKV, *self.poly, *self.poly],
+                  context, length, n, HQ // HKV, *self.poly],
         )
         return out
 
