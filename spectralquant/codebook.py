@@ -67,6 +67,17 @@ def gaussian_distortion(bits: int) -> float:
     return float(1.0 - (prob * y * y).sum())
 
 
+def gaussian_correlation(levels: torch.Tensor) -> torch.Tensor:
+    """``E[q(X) X]`` for a standard normal ``X`` quantized to the nearest of ``levels [..., K]``
+    (ascending), in closed form: ``sum_k y_k (phi(t_k) - phi(t_k+1))`` over the cells ``[t_k, t_k+1]``.
+    A Lloyd-Max codebook gives ``1 - distortion``: its levels shrink ``X`` by that factor on average."""
+    y = levels.to(torch.float64)
+    inf = torch.full((*y.shape[:-1], 1), math.inf, dtype=torch.float64, device=y.device)
+    t = torch.cat([-inf, boundaries_of(y), inf], -1)
+    pdf = torch.exp(-0.5 * t.clamp(-40, 40) ** 2) / math.sqrt(2 * math.pi)
+    return (y * (pdf[..., :-1] - pdf[..., 1:])).sum(-1)
+
+
 def quantize(values: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
     """Nearest-level codes by boundary search.
 

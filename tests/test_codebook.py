@@ -3,7 +3,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spectralquant.codebook import boundaries_of, fit_lloyd, gaussian_distortion, gaussian_levels, quantize
+from spectralquant.codebook import (
+    boundaries_of,
+    fit_lloyd,
+    gaussian_correlation,
+    gaussian_distortion,
+    gaussian_levels,
+    quantize,
+)
 
 # Max (1960), Table I: mean squared error of the optimum quantizer for a unit normal.
 PUBLISHED_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
@@ -103,3 +110,20 @@ def test_linear_codebooks_are_the_optimal_uniform_quantizers():
         assert torch.allclose(levels.diff(), torch.full((2**bits - 1,), float(coeffs[0]), dtype=torch.float64))
     with pytest.raises(ValueError, match="terms"):
         gaussian_poly_coeffs(3, terms=2)
+
+
+@pytest.mark.parametrize("bits", range(1, 7))
+def test_lloyd_max_levels_shrink_by_their_distortion(bits):
+    # Centroid condition: E[q(X) X] = E[q(X)^2] = 1 - distortion.
+    assert float(gaussian_correlation(gaussian_levels(bits))) == pytest.approx(1 - gaussian_distortion(bits), abs=1e-9)
+
+
+@given(st.lists(st.floats(-4, 4), min_size=2, max_size=8, unique=True), st.integers(0, 10_000))
+def test_gaussian_correlation_matches_monte_carlo_for_any_levels(levels, seed):
+    y = torch.tensor(sorted(levels), dtype=torch.float64)
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q = y[quantize(x, boundaries_of(y))]
+    sample = q * x
+    # Within 5 standard errors of the sample mean.
+    tol = 5 * float(sample.std()) / len(x) ** 0.5
+    assert float(gaussian_correlation(y)) == pytest.approx(float(sample.mean()), abs=tol)

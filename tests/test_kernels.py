@@ -61,6 +61,7 @@ CODEC_CASES = [
     dict(dim=32, bits=3, codebook="linear"),  # the kernels skip the cubic and quintic terms
     dict(dim=16, bits=2.5, scale=False, center=False),
     dict(dim=256, bits=3),  # the encode reads the basis in two chunks, 16 vectors per program
+    dict(dim=32, bits=2, unbiased=True),  # decode levels scaled apart from the encode's sigma
 ]
 
 
@@ -218,6 +219,8 @@ ATTENTION_CASES = [
     dict(batch=2, heads=1, groups=2, queries=1, dim=32, compressed=33, window=3, sinks=4, key_bits=5, value_bits=2.5),
     dict(batch=1, heads=2, groups=2, queries=1, dim=32, compressed=50, window=2, sinks=1, key_bits=3,
          codebook="linear"),
+    dict(batch=1, heads=1, groups=3, queries=1, dim=64, compressed=90, window=4, sinks=2, key_bits=2, value_bits=2,
+         unbiased=True),
 ]
 
 

@@ -113,6 +113,25 @@ def test_fused_attention_matches_the_reference_on_ragged_batches(dim, bits, quer
     assert rel(got, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_unbiased_levels_match_the_reference(dim):
+    """Decode and attention read the decoded levels' scales (sigma times the gains), not the
+    encode's sigma."""
+    from spectralquant.kernels import compressed_attention, compressed_attention_reference
+    from spectralquant.kernels.triton_codec import decode
+    from spectralquant.quantizer import Encoded
+
+    q, kv, mask = ragged_case(dim, (2.25, 2.25), queries=1, seed=dim, unbiased=True)
+    assert kv.key_quantizer.gain is not None and float(kv.key_quantizer.gain.max()) > 1.5  # 1-bit coordinates
+    ref = compressed_attention_reference(q, kv, mask)
+    poison()
+    got = compressed_attention(q, kv, mask)
+    assert rel(got, ref) < 1e-2
+    token_major = Encoded(*(t.transpose(1, 2).contiguous() for t in (kv.value.records, kv.value.scales)))
+    poison()
+    assert rel(decode(kv.value_quantizer, token_major), kv.value_quantizer.decode(token_major)) < 1e-5
+
+
 @pytest.mark.parametrize("dim,bits", LAYOUTS, ids=str)
 def test_keys_before_rope_match_the_reference_on_ragged_batches(dim, bits):
     """The kernel rotates each history key at its own position (history starting at slot 5000,

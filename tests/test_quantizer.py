@@ -209,3 +209,25 @@ def test_attention_aware_allocation_minimizes_the_weighted_error():
         Quantizer.from_stats(stats, maybe, importance=torch.eye(32))
     with pytest.raises(ValueError, match="attention_aware must be True, False or None"):
         QuantizerConfig(attention_aware="auto")
+
+
+@pytest.mark.parametrize("codebook", ["poly", "gaussian", "fitted"])
+def test_unbiased_levels_keep_the_codes_and_undo_the_shrinkage(codebook):
+    x, stats = anisotropic(20_000, 2, 32, decades=2)
+    stats.samples = x[:4096]
+    base = QuantizerConfig(bits=2, scale=False, codebook=codebook)
+    plain = Quantizer.from_stats(stats, base)
+    fair = Quantizer.from_stats(stats, base.with_(unbiased=True))
+    enc = plain.encode(x)
+    assert torch.equal(fair.encode(x).records, enc.records) and plain.gain is None
+    z = plain.rotate(x)
+    # Per coordinate with at least one bit: the slope of the decoded coordinate on the input,
+    # E[z_hat z] / E[z^2], is 1 - distortion (shrunk) without gains and 1 with them.
+    used = plain.widths > 0
+    for q, lo, hi in ((plain, 0.55, 0.995), (fair, 0.97, 1.03)):
+        slope = (q.decode_rotated(enc) * z).mean(0) / (z * z).mean(0)
+        assert lo < float(slope[used].min()) and float(slope[used].max()) < hi, (q.gain is None, slope[used])
+    assert torch.equal(fair.level_scale, fair.sigma * fair.gain) and torch.equal(plain.level_scale, plain.sigma)
+    assert torch.equal(fair.head(1).gain, fair.gain[1:2])
+    # More squared error than the MSE-optimal decode, as the price of the slope.
+    assert mse(fair, x) > mse(plain, x)

@@ -7,7 +7,9 @@ into ``units`` of ``slots`` consecutive codes that each span at most 32 bits
 record; its slot ``s`` code is ``(unit >> slot_shift) & slot_mask``. The flat codebook of a head
 holds the ``b``-bit levels at ``[2**b, 2**(b+1))``, so a code's entry is ``code | (slot_mask + 1)``
 (one bitwise op; entry 1 is the 0-bit level). ``basis_p [H, D, D]`` holds the basis columns in
-stored order, ``sigma_p [H, D]`` the matching per-coordinate scales.
+stored order, ``sigma_p [H, D]`` the matching per-coordinate scales that encoding divides by, and
+``level_p [H, D]`` those that decoded levels are multiplied by (``Quantizer.level_scale``: ``sigma``
+unless the codebook is unbiased).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ class KernelTables:
 
     Shapes: ``unit_word``/``unit_shift`` int32 ``[H, NU]``; ``slot_shift``/``slot_mask`` int32
     ``[H, D]`` (stored order); ``levels16``/``levels32``/``bounds`` ``[H, L]`` with
-    ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``mean [H, D]``,
-    ``norm_ref [H]`` float32; ``basis_sigma16 [H, D, D]`` fp16 (``basis_p * sigma_p``, for the
-    attention's rotations); ``basis_hi16``/``basis_lo16 [H, D, D]`` fp16 (``basis_p`` transposed, split
+    ``L = 2**(max_width + 1)``; ``basis_p [H, D, D]``, ``sigma_p [H, D]``, ``level_p [H, D]``,
+    ``mean [H, D]``, ``norm_ref [H]`` float32; ``basis_sigma16 [H, D, D]`` fp16 (``basis_p * level_p``,
+    for the attention's rotations); ``basis_hi16``/``basis_lo16 [H, D, D]`` fp16 (``basis_p`` transposed, split
     into a leading part and the rest, for the encode's tensor-core rotation); ``bit_offset [H, D]`` int32
     (first record bit of each stored position); ``poly [H, 5, D]`` float32 for polynomial codebooks, else None;
     ``poly_terms``: 0 without ``poly``, 1 if every cubic and quintic coefficient is 0 (linear
@@ -62,6 +64,7 @@ class KernelTables:
     bounds: torch.Tensor
     basis_p: torch.Tensor
     sigma_p: torch.Tensor
+    level_p: torch.Tensor
     basis_sigma16: torch.Tensor
     basis_hi16: torch.Tensor
     basis_lo16: torch.Tensor
@@ -96,7 +99,7 @@ def _unsupported_reason(quantizer: Quantizer) -> str | None:
         return f"head_dim {d} is not a power of two in [{MIN_DIM}, {MAX_DIM}]"
     if quantizer.layout.total_bits == 0:
         return "records are empty (0 bits per vector)"
-    if float(quantizer.sigma.abs().max()) > FP16_MAX:
+    if float(quantizer.level_scale.abs().max()) > FP16_MAX:
         return f"a coordinate's scale sigma exceeds {FP16_MAX:g}, the fp16 range the attention's rotations use"
     return None
 
@@ -171,6 +174,7 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
     trace = quantizer.trace.float()
     basis_p = torch.gather(quantizer.basis, 2, order[:, None, :].expand_as(quantizer.basis)).contiguous()
     sigma_p = torch.gather(quantizer.sigma, 1, order).contiguous()
+    level_p = torch.gather(quantizer.level_scale, 1, order).contiguous()
     basis_t = basis_p.transpose(1, 2).contiguous()
     basis_hi16 = basis_t.half()
     on = {k: v.to(device).contiguous() if isinstance(v, torch.Tensor) else v for k, v in lt.items()}
@@ -192,7 +196,8 @@ def build_tables(quantizer: Quantizer) -> KernelTables:
         bounds=bounds.to(device),
         basis_p=basis_p,
         sigma_p=sigma_p,
-        basis_sigma16=(basis_p * sigma_p[:, None, :]).half(),
+        level_p=level_p,
+        basis_sigma16=(basis_p * level_p[:, None, :]).half(),
         basis_hi16=basis_hi16,
         basis_lo16=(basis_t - basis_hi16.float()).half(),
         mean=quantizer.mean.to(device).float().contiguous(),

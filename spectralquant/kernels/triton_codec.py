@@ -303,7 +303,7 @@ def _encode_kernel(
 
 @triton.jit
 def _decode_kernel(
-    REC, srn, srh, SCALES, ssn, BASIS, MEAN, SIGMA, LEVELS, POLY, UWORD, USHIFT, SSHIFT, SMASK,
+    REC, srn, srh, SCALES, ssn, BASIS, MEAN, LEVEL_SCALE, LEVELS, POLY, UWORD, USHIFT, SSHIFT, SMASK,
     OUT, son, soh, n_vectors,
     LUT: tl.constexpr, D: tl.constexpr, S: tl.constexpr, NU: tl.constexpr, NW: tl.constexpr,
     ALIGNED: tl.constexpr, CROSSES: tl.constexpr, SCALED: tl.constexpr, LOG_SCALE: tl.constexpr,
@@ -319,7 +319,7 @@ def _decode_kernel(
     lo, hi = load_units(REC + h * srh, n64 * srn, n_ok, uw, NU, NW, ALIGNED, CROSSES)
     z = unit_levels(lo, hi, ush, ssh, smask, LEVELS + h * LUT, ps, ph, a1, a3, a5, NU, S, ALIGNED, CROSSES, IS_POLY,
                     False)
-    z = z * tl.load(SIGMA + h * D + p)[None, :]
+    z = z * tl.load(LEVEL_SCALE + h * D + p)[None, :]
     if SCALED:
         z = z * stored_to_scale(tl.load(SCALES + n64 * ssn + h, mask=n_ok, other=0), LOG_SCALE)[:, None]
     for k0 in tl.static_range(0, D, KC):
@@ -387,7 +387,7 @@ def decode(quantizer: Quantizer, enc: Encoded) -> torch.Tensor:
     out = torch.empty(n, tables.heads, tables.dim, dtype=torch.float32, device=records.device)
     _decode_kernel[(triton.cdiv(n, BLOCK_N), tables.heads)](
         words, words.stride(0), words.stride(1), scales if scales is not None else out, tables.heads,
-        tables.basis_p, tables.mean, tables.sigma_p, tables.levels32,
+        tables.basis_p, tables.mean, tables.level_p, tables.levels32,
         tables.poly if tables.poly is not None else tables.levels32,
         tables.unit_word, tables.unit_shift, tables.slot_shift, tables.slot_mask,
         out, out.stride(0), out.stride(1), n,
