@@ -85,6 +85,7 @@ class CompressionConfig:
         def q(c: QuantizerConfig) -> str:
             extra = f", qjl {c.qjl_dims}" if c.qjl_dims else ""
             extra += {True: ", attention-aware", None: ", attention-aware if measured"}.get(c.attention_aware, "")
+            extra += ", unbiased levels" if c.unbiased else ""
             return f"{c.bits:g} bits ({c.rotation}, {c.allocation}, {c.codebook}{extra})"
 
         budget = {
@@ -106,9 +107,14 @@ class CompressionConfig:
 # total is redistributed across layers and kinds). Measured on SmolLM2-135M at 4k context
 # (benchmarks/quality.py): standard 4.2x, high 5.2x, max 6.2x fewer bytes than fp16. Key bits are
 # allocated by their effect on scores when the calibration measured the queries (SmolLM2 at 2.25
-# bits: KL 0.0083 against 0.0090 without; Gemma 3 at 2.75 bits: 0.0079 against 0.0084).
+# bits: KL 0.0083 against 0.0090 without; Gemma 3 at 2.75 bits: 0.0079 against 0.0084). Decoded
+# levels are unbiased (not shrunk towards the mean): SmolLM2 at 2.25 bits KL 0.0071 against 0.0082,
+# passkey 3/5 against 1/5 (benchmarks/results/unbiased_levels_smollm2.json).
 PRESETS: dict[str, CompressionConfig] = {
-    name: CompressionConfig(key=QuantizerConfig(bits=bits, attention_aware=None), value=QuantizerConfig(bits=bits))
+    name: CompressionConfig(
+        key=QuantizerConfig(bits=bits, attention_aware=None, unbiased=True),
+        value=QuantizerConfig(bits=bits, unbiased=True),
+    )
     for name, bits in (("standard", 3.5), ("high", 2.75), ("max", 2.25))
 }
 
