@@ -100,7 +100,10 @@ def _unsupported_reason(quantizer: Quantizer) -> str | None:
     if quantizer.layout.total_bits == 0:
         return "records are empty (0 bits per vector)"
     if float(quantizer.level_scale.abs().max()) > FP16_MAX:
-        return f"a coordinate's scale sigma exceeds {FP16_MAX:g}, the fp16 range the attention's rotations use"
+        return (
+            f"a coordinate's decode scale (sigma, times the unbiased gain if any) exceeds {FP16_MAX:g}, "
+            "the fp16 range the attention's rotations use"
+        )
     return None
 
 
