@@ -115,12 +115,14 @@ LAYOUTS = {  # record layouts the layout section compares: RecordLayout options
 }
 
 
-def quantizer_pair(bits: float, layout: str = "units inside words", **config):
+def quantizer_pair(bits: float, layout: str = "units inside words", value_allocation: str = "waterfill", **config):
     """Key and value quantizers of Llama-8B KV shape, their records in ``layout`` (a key of
-    :data:`LAYOUTS`); ``config``: quantizer options (e.g. ``codebook``)."""
+    :data:`LAYOUTS`); ``value_allocation``: the value quantizer's widths (``waterfill`` or
+    ``uniform``); ``config``: quantizer options for both (e.g. ``codebook``)."""
     pair = []
     for seed in (0, 1):
-        q = random_quantizer(HKV, DIM, bits, seed=seed, **config)
+        allocation = value_allocation if seed else "waterfill"
+        q = random_quantizer(HKV, DIM, bits, seed=seed, allocation=allocation, **config)
         if LAYOUTS[layout]:
             q.layout = RecordLayout(q.widths, **LAYOUTS[layout])
         pair.append(q)
@@ -252,10 +254,11 @@ def attention_table(args, budget: int, copy_bw: float, log) -> list[dict]:
     rows = []
     for bits in args.bits:
         tuning = args.tuned[bits]
-        pair = quantizer_pair(bits)
+        pair = quantizer_pair(bits, value_allocation=args.value_allocation)
         for batch in args.batches:
             for context in args.contexts:
-                row = dict(bits=bits, batch=batch, context=context, tuning=tuning)
+                row = dict(bits=bits, batch=batch, context=context, tuning=tuning,
+                           value_allocation=args.value_allocation)
                 try:
                     row["sdpa"] = time_sdpa(batch, context, budget)
                     torch.cuda.empty_cache()
@@ -547,6 +550,10 @@ def main() -> None:
     parser.add_argument(
         "--sections", nargs="+",
         default=["tune", "attention", "codebook", "rope", "layout", "encode", "e2e", "e2e_rope"],
+    )
+    parser.add_argument(
+        "--value-allocation", default="waterfill", choices=("waterfill", "uniform"),
+        help="value widths of the attention section's random quantizers (keys are always water-filled)",
     )
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")

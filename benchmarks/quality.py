@@ -190,6 +190,14 @@ ABLATIONS: dict[str, Ablation] = {
     ),
     # The presets decode unbiased levels (times 1 / E[q(z) z]); these rows decode the MSE-optimal,
     # shrunk ones instead (same codes and bytes).
+    "values uniform bits": Ablation(dict(value_allocation="uniform")),
+    "sensitivity at 1536 tokens + values uniform bits": Ablation(
+        dict(value_allocation="uniform"), dict(sensitivity_prefix=1536)
+    ),
+    "pre-RoPE keys + values uniform bits": Ablation(dict(value_allocation="uniform"), dict(pre_rope_keys=True)),
+    "key domain per layer (auto) + sensitivity at 1536 tokens + values uniform bits": Ablation(
+        dict(value_allocation="uniform"), dict(pre_rope_keys="auto", sensitivity_prefix=1536)
+    ),
     "MSE levels": Ablation(dict(unbiased=False)),
     "MSE keys": Ablation(dict(key_unbiased=False)),
     "MSE values": Ablation(dict(value_unbiased=False)),

@@ -221,6 +221,9 @@ ATTENTION_CASES = [
          codebook="linear"),
     dict(batch=1, heads=1, groups=3, queries=1, dim=64, compressed=90, window=4, sinks=2, key_bits=2, value_bits=2,
          unbiased=True),
+    # near-uniform widths (2 and 3 bits) whose units straddle words
+    dict(batch=1, heads=1, groups=2, queries=1, dim=64, compressed=70, window=3, sinks=1, key_bits=2.25,
+         value_bits=2.25, allocation="uniform", unbiased=True),
 ]
 
 

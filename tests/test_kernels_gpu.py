@@ -132,6 +132,26 @@ def test_unbiased_levels_match_the_reference(dim):
     assert rel(decode(kv.value_quantizer, token_major), kv.value_quantizer.decode(token_major)) < 1e-5
 
 
+@pytest.mark.parametrize("dim,bits", [(64, 2.25), (128, 2.25), (128, 2.75), (256, 3.5)], ids=str)
+def test_water_filled_keys_with_uniform_values_match_the_reference(dim, bits):
+    """Keys water-filled and values at (near-)uniform widths, both with unbiased levels: two
+    different record layouts read by one kernel."""
+    from spectralquant.kernels import compressed_attention, compressed_attention_reference
+    from spectralquant.kernels.random_cache import random_quantizer
+
+    pair = (
+        random_quantizer(8, dim, bits, seed=dim, unbiased=True),
+        random_quantizer(8, dim, bits, seed=dim + 1, unbiased=True, allocation="uniform"),
+    )
+    assert int(pair[1].widths.max() - pair[1].widths.min()) <= 1 < int(pair[0].widths.max() - pair[0].widths.min())
+    q, kv, mask = ragged_case(dim, (bits, bits), queries=1, seed=dim, quantizers=pair)
+    ref = compressed_attention_reference(q, kv, mask)
+    poison()
+    got = compressed_attention(q, kv, mask)
+    assert torch.isfinite(got).all()
+    assert rel(got, ref) < 1e-2
+
+
 @pytest.mark.parametrize("dim,bits", LAYOUTS, ids=str)
 def test_keys_before_rope_match_the_reference_on_ragged_batches(dim, bits):
     """The kernel rotates each history key at its own position (history starting at slot 5000,
