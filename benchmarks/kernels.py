@@ -115,14 +115,13 @@ LAYOUTS = {  # record layouts the layout section compares: RecordLayout options
 }
 
 
-def quantizer_pair(bits: float, layout: str = "units inside words", value_allocation: str = "waterfill", **config):
+def quantizer_pair(bits: float, layout: str = "units inside words", value_config: dict | None = None, **config):
     """Key and value quantizers of Llama-8B KV shape, their records in ``layout`` (a key of
-    :data:`LAYOUTS`); ``value_allocation``: the value quantizer's widths (``waterfill`` or
-    ``uniform``); ``config``: quantizer options for both (e.g. ``codebook``)."""
+    :data:`LAYOUTS`); ``config``: quantizer options for both (e.g. ``codebook``), ``value_config``:
+    more for the values only (e.g. ``allocation="uniform"``, ``min_bits=1``)."""
     pair = []
     for seed in (0, 1):
-        allocation = value_allocation if seed else "waterfill"
-        q = random_quantizer(HKV, DIM, bits, seed=seed, allocation=allocation, **config)
+        q = random_quantizer(HKV, DIM, bits, seed=seed, **config, **(value_config or {} if seed else {}))
         if LAYOUTS[layout]:
             q.layout = RecordLayout(q.widths, **LAYOUTS[layout])
         pair.append(q)
@@ -254,11 +253,11 @@ def attention_table(args, budget: int, copy_bw: float, log) -> list[dict]:
     rows = []
     for bits in args.bits:
         tuning = args.tuned[bits]
-        pair = quantizer_pair(bits, value_allocation=args.value_allocation)
+        pair = quantizer_pair(bits, value_config=dict(allocation=args.value_allocation, min_bits=args.value_min_bits))
         for batch in args.batches:
             for context in args.contexts:
                 row = dict(bits=bits, batch=batch, context=context, tuning=tuning,
-                           value_allocation=args.value_allocation)
+                           value_allocation=args.value_allocation, value_min_bits=args.value_min_bits)
                 try:
                     row["sdpa"] = time_sdpa(batch, context, budget)
                     torch.cuda.empty_cache()
@@ -555,6 +554,8 @@ def main() -> None:
         "--value-allocation", default="waterfill", choices=("waterfill", "uniform"),
         help="value widths of the attention section's random quantizers (keys are always water-filled)",
     )
+    parser.add_argument("--value-min-bits", type=int, default=0,
+                        help="fewest bits per value coordinate in the attention section (keys: 0)")
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")
     args = parser.parse_args()

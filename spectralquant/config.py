@@ -86,6 +86,7 @@ class CompressionConfig:
             extra = f", qjl {c.qjl_dims}" if c.qjl_dims else ""
             extra += {True: ", attention-aware", None: ", attention-aware if measured"}.get(c.attention_aware, "")
             extra += ", unbiased levels" if c.unbiased else ""
+            extra += f", at least {c.min_bits} bit{'s' * (c.min_bits > 1)} per coordinate" if c.min_bits else ""
             return f"{c.bits:g} bits ({c.rotation}, {c.allocation}, {c.codebook}{extra})"
 
         budget = {
@@ -109,11 +110,14 @@ class CompressionConfig:
 # allocated by their effect on scores when the calibration measured the queries (SmolLM2 at 2.25
 # bits: KL 0.0083 against 0.0090 without; Gemma 3 at 2.75 bits: 0.0079 against 0.0084). Decoded
 # levels are unbiased (not shrunk towards the mean): SmolLM2 at 2.25 bits KL 0.0071 against 0.0082,
-# passkey 3/5 against 1/5 (benchmarks/results/unbiased_levels_smollm2.json).
+# passkey 3/5 against 1/5 (benchmarks/results/unbiased_levels_smollm2.json). Every value coordinate
+# keeps at least 1 bit: water-filling would drop the directions rare on ordinary text, which a
+# retrieved token's value can use (SmolLM2 at 2.25 bits: passkey 18/20 against 14/20 at 1k-8k, FP16
+# 19/20; KL 0.0081 against 0.0071; benchmarks/results/passkey_grid_smollm2.json).
 PRESETS: dict[str, CompressionConfig] = {
     name: CompressionConfig(
         key=QuantizerConfig(bits=bits, attention_aware=None, unbiased=True),
-        value=QuantizerConfig(bits=bits, unbiased=True),
+        value=QuantizerConfig(bits=bits, unbiased=True, min_bits=1),
     )
     for name, bits in (("standard", 3.5), ("high", 2.75), ("max", 2.25))
 }

@@ -133,17 +133,18 @@ def test_unbiased_levels_match_the_reference(dim):
 
 
 @pytest.mark.parametrize("dim,bits", [(64, 2.25), (128, 2.25), (128, 2.75), (256, 3.5)], ids=str)
-def test_water_filled_keys_with_uniform_values_match_the_reference(dim, bits):
-    """Keys water-filled and values at (near-)uniform widths, both with unbiased levels: two
-    different record layouts read by one kernel."""
+@pytest.mark.parametrize("values", [dict(allocation="uniform"), dict(min_bits=1)], ids=["uniform", "min1"])
+def test_water_filled_keys_with_other_value_widths_match_the_reference(dim, bits, values):
+    """Keys water-filled, values at (near-)uniform widths or water-filled with at least 1 bit per
+    coordinate, both with unbiased levels: two different record layouts read by one kernel."""
     from spectralquant.kernels import compressed_attention, compressed_attention_reference
     from spectralquant.kernels.random_cache import random_quantizer
 
     pair = (
         random_quantizer(8, dim, bits, seed=dim, unbiased=True),
-        random_quantizer(8, dim, bits, seed=dim + 1, unbiased=True, allocation="uniform"),
+        random_quantizer(8, dim, bits, seed=dim + 1, unbiased=True, **values),
     )
-    assert int(pair[1].widths.max() - pair[1].widths.min()) <= 1 < int(pair[0].widths.max() - pair[0].widths.min())
+    assert int(pair[1].widths.min()) >= 1  # no value coordinate dropped
     q, kv, mask = ragged_case(dim, (bits, bits), queries=1, seed=dim, quantizers=pair)
     ref = compressed_attention_reference(q, kv, mask)
     poison()

@@ -231,3 +231,20 @@ def test_unbiased_levels_keep_the_codes_and_undo_the_shrinkage(codebook):
     assert torch.equal(fair.head(1).gain, fair.gain[1:2])
     # More squared error than the MSE-optimal decode, as the price of the slope.
     assert mse(fair, x) > mse(plain, x)
+
+
+def test_presets_keep_every_value_coordinate_at_one_bit_at_the_same_bytes(tiny_calibrations):
+    """The presets' value floor: no value coordinate is dropped, each layer's record length and
+    its keys are unchanged; ``value_min_bits=0`` restores plain water-filling."""
+    from spectralquant.codec import build_codecs
+    from spectralquant.config import resolve_config
+
+    calib = tiny_calibrations("llama")  # near-isotropic: water-filling drops value coordinates at 1.5 bits
+    floor = build_codecs(calib, resolve_config("max", bits=1.5))
+    plain = build_codecs(calib, resolve_config("max", bits=1.5, value_min_bits=0))
+    assert min(int(c.value.widths.min()) for c in floor) == 1
+    assert min(int(c.value.widths.min()) for c in plain) == 0
+    for a, b in zip(floor, plain):
+        assert a.value.record_bytes == b.value.record_bytes
+        assert torch.equal(a.value.widths.sum(-1), b.value.widths.sum(-1))
+        assert torch.equal(a.key.widths, b.key.widths)
