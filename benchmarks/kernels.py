@@ -120,8 +120,8 @@ def quantizer_pair(bits: float, layout: str = "units inside words", value_config
     :data:`LAYOUTS`); ``config``: quantizer options for both (e.g. ``codebook``), ``value_config``:
     more for the values only (e.g. ``allocation="uniform"``, ``min_bits=1``)."""
     pair = []
-    for seed in (0, 1):
-        q = random_quantizer(HKV, DIM, bits, seed=seed, **config, **(value_config or {} if seed else {}))
+    for seed, extra in ((0, {}), (1, value_config or {})):
+        q = random_quantizer(HKV, DIM, bits, seed=seed, **config, **extra)
         if LAYOUTS[layout]:
             q.layout = RecordLayout(q.widths, **LAYOUTS[layout])
         pair.append(q)

@@ -188,8 +188,6 @@ ABLATIONS: dict[str, Ablation] = {
     "pre-RoPE query-aware keys + sensitivity at 1536 tokens + values at least 1 bit per coordinate": Ablation(
         dict(key_attention_aware=True, value_min_bits=1), dict(pre_rope_keys=True, sensitivity_prefix=1536)
     ),
-    # The presets decode unbiased levels (times 1 / E[q(z) z]); these rows decode the MSE-optimal,
-    # shrunk ones instead (same codes and bytes).
     "values uniform bits": Ablation(dict(value_allocation="uniform")),
     "sensitivity at 1536 tokens + values uniform bits": Ablation(
         dict(value_allocation="uniform"), dict(sensitivity_prefix=1536)
@@ -202,6 +200,8 @@ ABLATIONS: dict[str, Ablation] = {
     "key domain per layer (auto) + sensitivity at 1536 tokens + values uniform bits": Ablation(
         dict(value_allocation="uniform"), dict(pre_rope_keys="auto", sensitivity_prefix=1536)
     ),
+    # The presets decode unbiased levels (times 1 / E[q(z) z]); these rows decode the MSE-optimal,
+    # shrunk ones instead (same codes and bytes).
     "MSE levels": Ablation(dict(unbiased=False)),
     "MSE keys": Ablation(dict(key_unbiased=False)),
     "MSE values": Ablation(dict(value_unbiased=False)),
