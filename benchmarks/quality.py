@@ -195,6 +195,7 @@ ABLATIONS: dict[str, Ablation] = {
     "values at least 1 bit per coordinate": Ablation(dict(value_min_bits=1)),
     # The presets keep every value coordinate at >= 1 bit since this row was measured against them.
     "values water-filled down to 0 bits": Ablation(dict(value_min_bits=0)),
+    "keys at least 1 bit per coordinate": Ablation(dict(key_min_bits=1)),
     "values Hadamard uniform bits": Ablation(dict(value_rotation="hadamard", value_allocation="uniform")),
     "pre-RoPE keys + values uniform bits": Ablation(dict(value_allocation="uniform"), dict(pre_rope_keys=True)),
     "key domain per layer (auto) + sensitivity at 1536 tokens + values uniform bits": Ablation(
