@@ -27,6 +27,7 @@ from spectralquant.rope import LinearRope, RopeTable, apply_rope
 
 from .base import STATE_ATTR, Adapter, WrapState, register_adapter
 from .hf_attention import attention_probabilities, capture_attention
+from .hf_cache_argument import cache_argument
 
 # RoPE types whose inverse frequencies are fixed at load time (dynamic ones update them per forward).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -203,9 +204,15 @@ class HFCausalLMAdapter(Adapter):
 
     def install(self, state: WrapState) -> None:
         """A compressed cache replaces the one transformers would create: a forward pre-hook
-        supplies it when ``past_key_values`` is None, and ``generate`` gets one unless the caller
-        passes a cache of their own (an explicit ``DynamicCache`` stays uncompressed)."""
+        supplies it when no cache is passed, and ``generate`` gets one unless the caller passes a
+        cache of their own (an explicit ``DynamicCache`` stays uncompressed). The cache goes under
+        the argument name the installed transformers uses (:func:`cache_argument`); a cache passed
+        under the other name is honoured as well."""
         model = self.model
+        name = cache_argument(model)
+
+        def given_cache_key(kwargs) -> str:
+            return next((key for key in (name, "past_key_values") if kwargs.get(key) is not None), name)
 
         def inject_cache(module, args, kwargs):
             use_cache = kwargs.get("use_cache")
@@ -213,9 +220,10 @@ class HFCausalLMAdapter(Adapter):
                 use_cache = getattr(module.config, "use_cache", True)
             if not use_cache:
                 return None
-            cache = kwargs.get("past_key_values")
+            key = given_cache_key(kwargs)
+            cache = kwargs.get(key)
             if cache is None:
-                cache = kwargs["past_key_values"] = state.make_cache()
+                cache = kwargs[key] = state.make_cache()
             if _is_compressed(cache):
                 cache.set_padding(kwargs.get("attention_mask"))
                 state.last_cache = cache
@@ -228,8 +236,9 @@ class HFCausalLMAdapter(Adapter):
 
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
-            if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-                kwargs["past_key_values"] = state.make_cache()
+            key = given_cache_key(kwargs)
+            if kwargs.get(key) is None and kwargs.get("use_cache", True):
+                kwargs[key] = state.make_cache()
             return original_generate(*args, **kwargs)
 
         model.generate = generate

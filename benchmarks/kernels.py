@@ -28,6 +28,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from spectralquant.adapters.hf_cache_argument import with_cache
 
 from spectralquant.kernels import compressed_attention_reference
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer, random_scales
@@ -412,7 +413,7 @@ def decode_rate(model, cache, batch: int, context: int, steps: int = 40, warmup:
                 sync()
                 start = time.time()
             pos = torch.full((batch, 1), context + i, device=DEVICE)
-            logits = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits
+            logits = model(input_ids=ids, position_ids=pos, use_cache=True, **with_cache(model, cache)).logits
             ids = logits[:, -1:].argmax(-1)
         sync()
     return batch * steps / (time.time() - start)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 from spectralquant.adapters import find_adapter
+from spectralquant.adapters.hf_cache_argument import with_cache
 from spectralquant.integrations.calibrate import SENSITIVITY_PREFIX
 from spectralquant.integrations.evaluation import chunked_logits, compare_to_reference, reference_chunks
 from spectralquant.integrations.offline_models import cache_dir, load_offline_model
@@ -255,7 +256,7 @@ def continue_greedy(model, last: torch.Tensor, cache, new_tokens: int) -> list[i
     for _ in range(new_tokens):
         nxt = last.argmax(-1, keepdim=True)
         out.append(int(nxt))
-        last = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        last = model(input_ids=nxt, use_cache=True, **with_cache(model, cache)).logits[:, -1]
     return out
 
 
@@ -277,7 +278,7 @@ def answer_logprob(model, last: torch.Tensor, cache, answer: torch.Tensor) -> fl
     total = 0.0
     for j in range(answer.shape[1]):
         total += float(torch.log_softmax(last.float(), -1)[0, answer[0, j]])
-        last = model(input_ids=answer[:, j : j + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        last = model(input_ids=answer[:, j : j + 1], use_cache=True, **with_cache(model, cache)).logits[:, -1]
     return total
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from spectralquant.adapters.hf_cache_argument import returned_cache, with_cache
 
 from spectralquant import api
 from spectralquant.calibration import Calibration
@@ -91,7 +92,7 @@ class SpectralQuant:
         ids = tokenizer(prefix, return_tensors="pt").input_ids.to(next(model.parameters()).device)
         with self._wrapped(model):
             out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         self._last_stats = cache.compression_stats()
         return cache
 
@@ -111,7 +112,7 @@ class SpectralQuant:
         if prefix_cache is not None:
             if prefix_cache.get_seq_length() >= n_prompt:
                 raise ValueError("the prompt must extend the prefix that prefix_cache holds")
-            generate_kwargs["past_key_values"] = copy.deepcopy(prefix_cache)
+            generate_kwargs.update(with_cache(model, copy.deepcopy(prefix_cache)))
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id or tokenizer.eos_token_id)
         with self._wrapped(model):
@@ -123,7 +124,7 @@ class SpectralQuant:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         new = out.sequences[0, n_prompt:]
-        self._last_stats = out.past_key_values.compression_stats()
+        self._last_stats = returned_cache(out).compression_stats()
         return GenerationResult(
             text=tokenizer.decode(new, skip_special_tokens=True),
             prompt_tokens=n_prompt,

@@ -1,5 +1,5 @@
 """Quality on the real code path (DESIGN.md section 4): text goes through the model in chunks with
-a cache as ``past_key_values``, so every chunk attends to the cache's (compressed) history
+a cache, so every chunk attends to the cache's (compressed) history
 exactly as generation would. The FP16 reference runs the same chunks with transformers' own
 DynamicCache; KL divergence and top-1 agreement compare the two next-token distributions.
 """
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+from spectralquant.adapters.hf_cache_argument import returned_cache, with_cache
 from transformers import DynamicCache
 
 from spectralquant.metrics import kl_divergence, token_nll, top1_agreement
@@ -40,8 +41,8 @@ def chunked_logits(model, input_ids: torch.Tensor, cache, chunk: int) -> Iterato
     device = next(model.parameters()).device
     for start in range(0, input_ids.shape[1], chunk):
         ids = input_ids[:, start : start + chunk].to(device)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=ids, use_cache=True, **with_cache(model, cache))
+        cache = returned_cache(out)
         yield out.logits
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from spectralquant.adapters.hf_attention import capture_attention
+from spectralquant.adapters.hf_cache_argument import with_cache
 from spectralquant.adapters.hf_causal_lm import HFCausalLMAdapter
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -62,8 +63,8 @@ def measure_sensitivity(
 
         exact = DynamicCache(config=model.config)
         with capture_attention(model, keep):
-            model(input_ids=ids[:, :prefix], past_key_values=exact, use_cache=True)
-        reference = model(input_ids=ids[:, prefix:], past_key_values=exact, use_cache=True).logits
+            model(input_ids=ids[:, :prefix], use_cache=True, **with_cache(model, exact))
+        reference = model(input_ids=ids[:, prefix:], use_cache=True, **with_cache(model, exact)).logits
         for layer in range(n_layers):
             for kind in range(2):
                 bits = [(8.0, 8.0)] * n_layers
@@ -73,7 +74,7 @@ def measure_sensitivity(
                 cache = SpectralQuantCache(build_codecs(calibration, config), config, windows, ropes=ropes)
                 for i in range(n_layers):
                     cache.update(*captured[i], i)
-                logits = model(input_ids=ids[:, prefix:], past_key_values=cache, use_cache=True).logits
+                logits = model(input_ids=ids[:, prefix:], use_cache=True, **with_cache(model, cache)).logits
                 total[layer, kind] += float(kl_divergence(reference, logits).mean().clamp_min(0))
                 bar.update()
     bar.close()

@@ -10,6 +10,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+if not torch.cuda.is_available():
+    # Triton picks its interpreter when it is imported, and transformers >= 5.24 imports Triton with
+    # the models: switch before any test module imports either, so the CPU kernel tests interpret.
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 # --------------------------------------------------------------------------- tiny LLM families
 import pytest  # noqa: E402

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
+from spectralquant.adapters.hf_cache_argument import returned_cache, with_cache
 
 import spectralquant as sq
 from spectralquant.baselines import FP8Codec, IntCodec, KIVICodec, baseline_codec
@@ -119,8 +120,8 @@ def test_baselines_run_in_the_same_cache_and_count_their_bytes(method, bits, tin
     try:
         with torch.no_grad():
             out = model(x, use_cache=True)
-            cache = out.past_key_values
-            step = model(x[:, -1:], past_key_values=cache).logits
+            cache = returned_cache(out)
+            step = model(x[:, -1:], **with_cache(model, cache)).logits
         stats = cache.compression_stats()
         assert stats.held_bytes == sum(t.numel() * t.element_size() for t in cache.tensors())
         assert stats.ratio > (1.25 if bits == 8 else 1.5)

@@ -1,16 +1,11 @@
 """The CUDA speed probe (``benchmarks/cuda_probe.py``): its record orders and packing on the CPU, and
 the kernel against its float64 reference on a GPU (marked ``gpu``)."""
 
-import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-if not torch.cuda.is_available():
-    # benchmarks.kernels imports Triton, which picks its interpreter at import (as in test_kernels.py).
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from benchmarks.cuda_probe import BITS, Probe, check, codebook, key_order, pack, value_order  # noqa: E402
 

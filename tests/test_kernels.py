@@ -1,11 +1,10 @@
 """The Triton kernels against their PyTorch references on small shapes.
 
-Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here before
-the kernel modules are imported); with one, these run on it. Large-shape GPU checks are in
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set in
+``conftest.py`` before Triton is imported); with one, these run on it. Large-shape GPU checks are in
 ``test_kernels_gpu.py``.
 """
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -13,12 +12,9 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 pytest.importorskip("triton")
 
-import triton  # noqa: E402  (after TRITON_INTERPRET is set: the interpreter is chosen at import)
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from spectralquant.codebook import MAX_BITS, gaussian_poly_coeffs, poly_basis  # noqa: E402

@@ -4,6 +4,7 @@ path. Marked ``gpu`` (excluded by default; run with ``pytest -m gpu``)."""
 
 import pytest
 import torch
+from spectralquant.adapters.hf_cache_argument import returned_cache, with_cache
 
 pytestmark = [
     pytest.mark.gpu,
@@ -275,7 +276,7 @@ def test_decoding_with_keys_before_rope_through_the_kernel_matches_the_reference
         sq.wrap(model, calib, bits=4, window=8, chunk=4, sinks=2, fused=fused)
         with torch.no_grad():
             out = model(x[:, :48], use_cache=True)
-            steps = [model(x[:, t : t + 1], past_key_values=out.past_key_values).logits for t in range(48, 60)]
+            steps = [model(x[:, t : t + 1], **with_cache(model, returned_cache(out))).logits for t in range(48, 60)]
         views = [layer.snapshot() for layer in find_adapter(model).state().last_cache.layers]
         sq.unwrap(model)
         logits.append(torch.cat(steps, 1))

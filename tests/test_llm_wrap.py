@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 from spectralquant.adapters import find_adapter
+from spectralquant.adapters.hf_cache_argument import cache_argument, returned_cache, with_cache
 from spectralquant.integrations.hf_cache import SpectralQuantCache
 from transformers import DynamicCache
 
@@ -23,7 +24,7 @@ def history_logits(model, x: torch.Tensor, split: int) -> torch.Tensor:
     """Logits of ``x[:, split:]`` after ``x[:, :split]`` went into the cache first."""
     with torch.no_grad():
         out = model(x[:, :split], use_cache=True)
-        return model(x[:, split:], past_key_values=out.past_key_values).logits
+        return model(x[:, split:], **with_cache(model, returned_cache(out))).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -38,7 +39,7 @@ def test_wrap_generate_unwrap_restores_the_model_bit_for_bit(family, tiny_calibr
     sq.wrap(model, tiny_calibrations(family), window=4, chunk=2)
     assert sq.is_wrapped(model)
     with torch.no_grad():
-        assert isinstance(model(x).past_key_values, SpectralQuantCache)
+        assert isinstance(returned_cache(model(x)), SpectralQuantCache)
     out = model.generate(x, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 30) and torch.equal(out[:, :24], x)
     assert isinstance(sq.compression_stats(model).ratio, float)
@@ -50,8 +51,23 @@ def test_wrap_generate_unwrap_restores_the_model_bit_for_bit(family, tiny_calibr
     with torch.no_grad():
         after = model(x)
     assert torch.equal(after.logits, before)
-    assert type(after.past_key_values) is DynamicCache
+    assert type(returned_cache(after)) is DynamicCache
     assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False), greedy_before)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_cache_passed_under_either_argument_name_is_extended_not_replaced(tiny_calibrations):
+    """transformers >= 5.24 calls the argument ``cache`` and still accepts ``past_key_values``."""
+    model = tiny_model("llama")
+    sq.wrap(model, tiny_calibrations("llama"), window=4, chunk=2)
+    x = ids(1, 30)
+    with torch.no_grad():
+        cache = returned_cache(model(x[:, :10]))
+        for name, part in (("past_key_values", x[:, 10:20]), (cache_argument(model), x[:, 20:])):
+            assert returned_cache(model(part, **{name: cache})) is cache
+    assert cache.get_seq_length() == 30
+    assert sq.compression_stats(model).tokens == 30
+    sq.unwrap(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -77,7 +93,7 @@ def test_memory_figures_are_the_bytes_of_the_tensors_held(tiny_calibrations):
     model = tiny_model("llama")
     sq.wrap(model, tiny_calibrations("llama"), bits=3, window=8, chunk=4, sinks=2)
     with torch.no_grad():
-        cache = model(ids(3, 100)).past_key_values
+        cache = returned_cache(model(ids(3, 100)))
     stats = cache.compression_stats()
     assert stats.held_bytes == sum(t.numel() * t.element_size() for t in cache.tensors())
     # fp16 bytes of the same K/V: 4 layers x (K, V) x B=3 x H=2 x T=100 x D=16 x 2 bytes.
@@ -98,10 +114,10 @@ def test_sliding_layers_keep_only_their_window_with_transformers_mask_sizes(tiny
     def mask_sizes_per_step():
         sizes = []
         with torch.no_grad():
-            cache = model(x[:, :20]).past_key_values
+            cache = returned_cache(model(x[:, :20]))
             for t in range(20, 40):
                 sizes.append([cache.get_mask_sizes(1, i) for i in range(4)])
-                model(x[:, t : t + 1], past_key_values=cache)
+                model(x[:, t : t + 1], **with_cache(model, cache))
         return sizes, cache
 
     reference, _ = mask_sizes_per_step()
@@ -146,7 +162,7 @@ def test_reorder_and_batch_ops_move_whole_rows(tiny_calibrations):
     model = tiny_model("llama")
     sq.wrap(model, tiny_calibrations("llama"), window=4, chunk=2)
     with torch.no_grad():
-        cache = model(ids(3, 30)).past_key_values
+        cache = returned_cache(model(ids(3, 30)))
     def state(layer):
         view = layer.snapshot()
         return [view.key.records, view.key.scales, view.value.records, view.window_keys, view.sink_keys, view.sink_pos]
@@ -170,7 +186,7 @@ def test_crop_removes_exactly_the_last_tokens(tiny_calibrations):
     model = tiny_model("gemma3")
     sq.wrap(model, tiny_calibrations("gemma3"), window=4, chunk=2)
     with torch.no_grad():
-        cache = model(ids(1, 40)).past_key_values
+        cache = returned_cache(model(ids(1, 40)))
     full = cache.layers[3].snapshot().materialize(torch.float32)
     cache.layers[3].crop(-10)
     cropped = cache.layers[3].snapshot().materialize(torch.float32)
@@ -208,8 +224,8 @@ def test_model_dtypes(dtype, tiny_calibrations):
     x = ids(1, 30)
     with torch.no_grad():
         out = model(x[:, :20])
-        logits = model(x[:, 20:], past_key_values=out.past_key_values).logits
-    layer = out.past_key_values.layers[0]
+        logits = model(x[:, 20:], **with_cache(model, returned_cache(out))).logits
+    layer = returned_cache(out).layers[0]
     assert logits.dtype == dtype and torch.isfinite(logits).all()
     assert layer.keys.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
     assert layer.compressed_length > 0

@@ -7,6 +7,7 @@ from conftest import FAMILIES, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 from spectralquant.adapters import find_adapter
+from spectralquant.adapters.hf_cache_argument import returned_cache
 from spectralquant.integrations.hf_cache import CompressedLayer
 from test_llm_wrap import history_logits, ids
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -94,7 +95,7 @@ def test_records_hold_the_keys_before_rope_of_their_positions(pre_rope_calibrati
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     sq.wrap(model, pre_rope_calibrations("llama"), bits=8, window=4, chunk=2)
     with torch.no_grad():
-        cache = model(x, attention_mask=mask, position_ids=position_ids).past_key_values
+        cache = returned_cache(model(x, attention_mask=mask, position_ids=position_ids))
     hook.remove()
     sq.unwrap(model)
     layer = cache.layers[1]
@@ -134,7 +135,7 @@ def test_sliding_layers_and_crop_keep_record_positions(pre_rope_calibrations):
     sq.wrap(model, pre_rope_calibrations("gemma3"), bits=8, window=2, chunk=1)
     assert float((history_logits(model, x, 44) - ref).abs().max()) < 0.02
     with torch.no_grad():
-        cache = model(x[:, :40]).past_key_values
+        cache = returned_cache(model(x[:, :40]))
     sq.unwrap(model)
     assert all(layer.compressed_length > 0 for layer in cache.layers)
     assert cache.layers[0].held < 40 and cache.layers[0].history_first > 0
@@ -167,7 +168,7 @@ def test_fused_kernel_takes_linear_rope_at_head_dim_32_and_up(pre_rope_calibrati
     model = tiny_model("llama")
     sq.wrap(model, pre_rope_calibrations("llama"), window=4, chunk=2)
     with torch.no_grad():
-        view = model(ids(1, 30)).past_key_values.layers[0].snapshot()
+        view = returned_cache(model(ids(1, 30))).layers[0].snapshot()
     sq.unwrap(model)
     assert isinstance(view.key_rope, LinearRope) and view.key_first == 0
     assert "head_dim below 32" in attention_unsupported_reason(torch.zeros(1, 4, 1, 16), view)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from spectralquant.adapters import find_adapter
+from spectralquant.adapters.hf_cache_argument import returned_cache
 from spectralquant.integrations.cli import main as cli_main
 from spectralquant.integrations.evaluation import compare_to_reference
 from spectralquant.integrations.offline_models import load_offline_model
@@ -96,7 +97,7 @@ def test_gemma3_sliding_and_global_layers(gemma3):
     ids = eval_ids(tok, 640)
     sq.wrap(model, calib, window=16, chunk=16)
     with torch.no_grad():
-        cache = model(ids).past_key_values
+        cache = returned_cache(model(ids))
     sq.unwrap(model)
     held = [layer.held for layer in cache.layers]
     assert all(h == (511 if w else 640) for h, w in zip(held, windows))
