@@ -590,7 +590,8 @@ def main() -> None:
         rows.append(row)
         pk_text = passkey_text(row["passkey"])
         pydoc_change = 100 * row["pydoc"]["ppl_change"] if row["pydoc"] else math.nan
-        greedy_mean = sum(row["greedy_divergence"]) / len(row["greedy_divergence"])
+        divergence = row["greedy_divergence"]
+        greedy_mean = sum(divergence) / len(divergence) if divergence else math.nan
         print(
             f"{label(row):{width}s} {row['bits']:5g} {row['ratio']:6.2f} {100 * row['book']['ppl_change']:+7.2f} "
             f"{row['book']['kl']:7.4f} {row['book']['top1']:6.3f} {pydoc_change:+7.2f} "
