@@ -36,7 +36,10 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 @register_adapter
 class HFCausalLMAdapter(Adapter):
     family = "Hugging Face causal LMs"
-    model_types = ("llama", "gemma3_text", "gemma3", "gemma2", "qwen2", "mistral", "phi3")
+    model_types = (
+        "llama", "gemma3_text", "gemma3", "gemma2", "gemma", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral",
+        "phi3", "granite", "starcoder2",
+    )
 
     @classmethod
     def matches(cls, model) -> bool:

@@ -41,6 +41,13 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32):
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
         "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=16)),
         "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, sliding_window=16)),
+        "granite": ("GraniteConfig", "GraniteForCausalLM", dict(attention_multiplier=0.2)),
+        "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=16)),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
     }
     config_cls, model_cls, extra = specs[family]
     kwargs = {**TINY_COMMON, **extra}
@@ -51,7 +58,10 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32):
     return getattr(tf, model_cls)(config).to(dtype).eval()
 
 
-FAMILIES = ["llama", "gemma3", "gemma2", "qwen2", "mistral", "phi3"]
+FAMILIES = [
+    "llama", "gemma3", "gemma2", "qwen2", "mistral", "phi3", "qwen3", "qwen3_moe", "mixtral", "granite",
+    "starcoder2", "gemma",
+]
 
 
 @pytest.fixture(scope="session")
