@@ -215,7 +215,7 @@ def test_fused_attention_handles_group_and_query_counts_softcap_and_scaling(grou
     assert rel(got, ref) < 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "qwen3", "mixtral", "granite", "starcoder2"])
 def test_generation_with_fused_kernels_matches_the_reference_path(family, tiny_calibrations, monkeypatch):
     from conftest import tiny_model
     from spectralquant.integrations import fused_attention
