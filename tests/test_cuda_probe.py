@@ -1,13 +1,12 @@
 """The CUDA speed probe (``benchmarks/cuda_probe.py``): its record orders and packing on the CPU, and
 the kernel against its float64 reference on a GPU (marked ``gpu``)."""
 
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.cuda_probe import BITS, Probe, check, codebook, key_order, pack, value_order  # noqa: E402
+from benchmarks.cuda_probe import BITS, Probe, check, codebook, key_order, pack, value_order
 
 
 def test_record_orders_are_permutations_of_the_coordinates():
