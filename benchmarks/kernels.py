@@ -407,13 +407,14 @@ def decode_rate(model, cache, batch: int, context: int, steps: int = 40, warmup:
     ``warmup`` steps: enough for a compressed cache's first window flush (window 64 + chunk 32), so
     the Triton kernels of every layer are compiled before the clock starts."""
     ids = torch.randint(0, 90, (batch, 1), device=DEVICE)
+    cached = with_cache(model, cache)  # the same cache object every step, extended in place
     with torch.no_grad():
         for i in range(steps + warmup):
             if i == warmup:
                 sync()
                 start = time.time()
             pos = torch.full((batch, 1), context + i, device=DEVICE)
-            logits = model(input_ids=ids, position_ids=pos, use_cache=True, **with_cache(model, cache)).logits
+            logits = model(input_ids=ids, position_ids=pos, use_cache=True, **cached).logits
             ids = logits[:, -1:].argmax(-1)
         sync()
     return batch * steps / (time.time() - start)

@@ -252,11 +252,11 @@ def greedy(model, ids: torch.Tensor, cache, new_tokens: int, chunk: int) -> list
 @torch.inference_mode()
 def continue_greedy(model, last: torch.Tensor, cache, new_tokens: int) -> list[int]:
     """``new_tokens`` greedy tokens from the logits ``last [1, V]`` of a prefilled ``cache``."""
-    out = []
+    out, cached = [], with_cache(model, cache)
     for _ in range(new_tokens):
         nxt = last.argmax(-1, keepdim=True)
         out.append(int(nxt))
-        last = model(input_ids=nxt, use_cache=True, **with_cache(model, cache)).logits[:, -1]
+        last = model(input_ids=nxt, use_cache=True, **cached).logits[:, -1]
     return out
 
 
@@ -275,10 +275,10 @@ def passkey_prompt(tok, length: int, depth: float, key: int) -> torch.Tensor:
 def answer_logprob(model, last: torch.Tensor, cache, answer: torch.Tensor) -> float:
     """Teacher-forced log-probability (nats) of the tokens ``answer [1, A]`` after a prefilled
     ``cache`` whose last logits are ``last [1, V]``."""
-    total = 0.0
+    total, cached = 0.0, with_cache(model, cache)
     for j in range(answer.shape[1]):
         total += float(torch.log_softmax(last.float(), -1)[0, answer[0, j]])
-        last = model(input_ids=answer[:, j : j + 1], use_cache=True, **with_cache(model, cache)).logits[:, -1]
+        last = model(input_ids=answer[:, j : j + 1], use_cache=True, **cached).logits[:, -1]
     return total
 
 
