@@ -146,6 +146,8 @@ def test_water_filled_keys_with_other_value_widths_match_the_reference(dim, bits
         random_quantizer(8, dim, bits, seed=dim + 1, unbiased=True, **values),
     )
     assert int(pair[1].widths.min()) >= 1  # no value coordinate dropped
+    if values.get("allocation") == "uniform":
+        assert int(pair[1].widths.max() - pair[1].widths.min()) <= 1 < int(pair[0].widths.max() - pair[0].widths.min())
     q, kv, mask = ragged_case(dim, (bits, bits), queries=1, seed=dim, quantizers=pair)
     ref = compressed_attention_reference(q, kv, mask)
     poison()
