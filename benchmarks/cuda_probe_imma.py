@@ -12,10 +12,10 @@ code costs, for uniform (evenly spaced, ``codebook="linear"``) levels of equal w
   point split into a high and a low signed byte, in columns 0-3 and 4-7 of the product (GQA 4 uses
   4 of its 8 columns), so one product gives both and one shuffle joins them.
 - **Values on fp16 tensor cores, output coordinates on the rows** (``O^T = V^T P^T``): two tokens'
-  codes join per half2 by one ``prmt``, each code becomes ``1024 + c`` by one ``lop3`` and ``c - h``
-  by one exact fp16 subtraction; ``P^T`` comes from the score fragment by two ``movmatrix``
-  transposes. 8 products per 16 tokens instead of the first probe's 16 (and 4 for the keys
-  instead of 16).
+  codes join per half2 by one ``prmt``; each code becomes ``1024 + 2 c + 1`` by one ``lop3`` and
+  ``2 (c - h)`` by one exact fp16 subtraction (``1024 + h`` itself is not an fp16); ``P^T`` comes
+  from the score fragment by two ``movmatrix`` transposes. 8 products per 16 tokens instead of the
+  first probe's 16 (and 4 for the keys instead of 16).
 - Each thread needs the scales of only two tokens per 16 (the rows it holds in both products).
 
 Every warp is one split with its own online softmax (rescaled only when a row maximum grows); the
@@ -94,9 +94,10 @@ template <typename V> __device__ __forceinline__ unsigned word(const V& v, int i
 __device__ __forceinline__ unsigned key_reg(const KVec& v, int j) {
   const unsigned w = word(v, j / KR_PER_WORD); const int r = j % KR_PER_WORD;
   return (r ? w >> (KB * r) : w) & KMASK; }
-// c - h in fp16 for the value codes at slot k of both halves of z (two tokens).
+// 2 (c - h) = 2 c + 1 - 2^VB in fp16 for the value codes at slot k of both halves of z (two tokens): each code
+// lands at bits 1.. of its half as 1024 + 2 c + 1, and h2 holds 1024 + 2^VB (1024 + h itself is not an fp16).
 __device__ __forceinline__ unsigned value_reg(unsigned z, int k, unsigned h2) {
-  return hsub2(and_or(k ? z >> (VB * k) : z, VMASK, 0x64006400u), h2); }
+  return hsub2(and_or(k ? z >> (VB * k - 1) : z << 1, VMASK << 1, 0x64016401u), h2); }
 
 struct Tile { KVec ka, kb; VVec v[4]; unsigned char ks0, ks1, vs0, vs1; };
 // Keys and scales of tokens t0 + g and t0 + 8 + g (the rows this thread holds in both products),
@@ -207,7 +208,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) imma_attention(
   if (live) {
     for (int e = 0; e < 2; ++e) {
       const long part = (bh * n_splits + split) * 4 + 2 * tq + e;
-      const float inv = l[e] > 0.f ? 1.f / l[e] : 0.f;
+      const float inv = l[e] > 0.f ? 0.5f / l[e] : 0.f;  // the values were 2 (c - h)
       for (int c = 0; c < 8; ++c) {
         PO[part * 128 + 16 * c + g] = o[c][e] * inv;
         PO[part * 128 + 16 * c + 8 + g] = o[c][2 + e] * inv;
@@ -311,7 +312,7 @@ class ImmaProbe:
         source = SOURCE.replace("__KB__", str(kbits)).replace("__VB__", str(vbits)).replace("__WARPS__", str(warps))
         self.kernel = torch.cuda._compile_kernel(source, "imma_attention")
         self.kbits, self.vbits, self.warps = kbits, vbits, warps
-        self.h2 = half2_word(1024 + (2**vbits - 1) / 2)
+        self.h2 = half2_word(1024 + 2**vbits)
 
     def record_bytes(self) -> int:
         """Bytes per token and KV head: key and value codes and their two scale bytes."""
