@@ -88,6 +88,7 @@ class Ablation:
         return dict(self.dials, bits=bits)
 
 
+_FAST = dict(allocation="uniform", codebook="linear", layer_budget="uniform")
 ABLATIONS: dict[str, Ablation] = {
     "default": Ablation(),
     "random rotation": Ablation(dict(rotation="random")),
@@ -109,6 +110,14 @@ ABLATIONS: dict[str, Ablation] = {
     # Diagnostics, not levers (they spend more bytes): which side limits passkey retrieval.
     "keys 8 bits (diagnostic)": Ablation(key_bits=8.0),
     "values 8 bits (diagnostic)": Ablation(value_bits=8.0),
+    # The codec the integer-key CUDA probe reads (benchmarks/cuda_probe_imma.py): every coordinate of a
+    # head at the same width (2 or 4 bits), evenly spaced levels, every layer at the same budget.
+    "fast kernel codec: keys 4 / values 4": Ablation(_FAST, key_bits=4.0, value_bits=4.0),
+    "fast kernel codec: keys 4 / values 2": Ablation(_FAST, key_bits=4.0, value_bits=2.0),
+    "fast kernel codec: keys 2 / values 2": Ablation(_FAST, key_bits=2.0, value_bits=2.0),
+    "fast kernel codec: keys 4 / values 4 without band mixing": Ablation(
+        dict(_FAST, mix_bands=False), key_bits=4.0, value_bits=4.0
+    ),
     "query-aware keys": Ablation(dict(key_attention_aware=True)),
     "output-aware values": Ablation(dict(value_attention_aware=True)),
     "window 0": Ablation(dict(window=0)),

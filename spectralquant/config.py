@@ -69,6 +69,12 @@ class CompressionConfig:
         if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
             raise ValueError(f"budget_context must be a positive int (tokens) or None, got {ctx!r}")
         object.__setattr__(self, "layer_bits", tuple((float(k), float(v)) for k, v in self.layer_bits))
+        fragments = [k for k, q in (("key", self.key), ("value", self.value)) if q.fragments]
+        if fragments and self.method == "spectralquant" and self.layer_budget != "uniform":
+            raise ValueError(
+                f"{' and '.join(fragments)} records in fragment order need every layer at the same widths: "
+                f"set layer_budget='uniform' (got {self.layer_budget!r})"
+            )
         if isinstance(self.layer_min_bits, bool) or not isinstance(self.layer_min_bits, (int, float)):
             raise ValueError(f"layer_min_bits must be a number, got {self.layer_min_bits!r}")
         if not 1 <= self.layer_min_bits <= min(self.key.bits, self.value.bits):

@@ -15,6 +15,13 @@ bits ``[o_i, o_i + b_i)`` (``offsets``), least significant bit first; stream bit
 so records stay word aligned); unused bits are zero. Widths are 0-8; a 0-bit coordinate takes no space and unpacks
 as 0. ``permute=False`` keeps the coordinate order (a plain bit stream; units of 4 codes), and
 ``word_units=False`` keeps permuted units back to back (for comparisons).
+
+``fragments="keys"`` / ``"values"`` instead places the codes of a head whose coordinates all have
+the same width (2 or 4 bits) in the order the tensor-core decode attention reads them
+(:mod:`spectralquant.kernels.mma_attention`; :func:`fragment_offsets`): each thread of a warp
+loads the words holding exactly the codes of its matrix fragments, and extracts four (keys, as
+bytes) or two (values, as the halves of an fp16 pair) per shift and mask. Codes still lie back to
+back inside 32-bit words, so every other reader of records works unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +32,56 @@ from .codebook import MAX_BITS
 
 UNIT_BITS = 32
 SLOT_CHOICES = (32, 16, 8, 4)  # 4 codes of at most 8 bits always fit in 32 bits
+
+
+FRAGMENTS = ("keys", "values")
+FRAGMENT_BITS = (2, 4)
+
+
+def fragment_unsupported_reason(kind: str, dim: int, bits: int) -> str | None:
+    """Why records of ``dim`` coordinates at ``bits`` each cannot take the ``kind`` fragment order, or None."""
+    if kind not in FRAGMENTS:
+        return f"unknown fragment order {kind!r}; choose one of {FRAGMENTS}"
+    if bits not in FRAGMENT_BITS:
+        return f"the fragment order needs every coordinate at 2 or 4 bits, got {bits}"
+    if dim not in (64, 128, 256):
+        return f"the fragment order needs head_dim 64, 128 or 256, got {dim}"
+    if kind == "values" and dim * bits < 256:
+        return f"value fragments need at least 256 bits per record (head_dim {dim} at {bits} bits has {dim * bits})"
+    return None
+
+
+def fragment_offsets(kind: str, dim: int, bits: int) -> torch.Tensor:
+    """First record bit ``[dim]`` of each coordinate in the tensor-core fragment order (int64).
+
+    Keys (tokens are the rows of ``mma.m16n8k32`` with u8 codes, coordinates its k): lane ``tq``
+    (= lane % 4) reads words ``[tq * W, (tq + 1) * W)`` of a record, ``W = dim * bits / 128``; its
+    register ``j`` takes byte ``e`` from bits ``bits * (j % (8 / bits)) + 8 e`` of word
+    ``j // (8 / bits)``: the code of coordinate ``32 (j // 2) + 16 (j % 2) + 4 tq + e``.
+    Values (output coordinates are the rows of ``mma.m16n8k16``, tokens its k): lane group ``g``
+    (= lane // 4) reads words ``[g * W, (g + 1) * W)``, ``W = dim * bits / 256``; slot ``n`` sits in
+    half ``(n // (16 / bits)) % 2`` of word ``n // (32 / bits)`` at bit ``bits * (n % (16 / bits))``
+    of the half, and holds coordinate ``16 (n // 2) + 8 (n % 2) + g``.
+    """
+    reason = fragment_unsupported_reason(kind, dim, bits)
+    if reason:
+        raise ValueError(reason)
+    offsets = torch.empty(dim, dtype=torch.int64)
+    if kind == "keys":
+        words, per_word = dim * bits // 128, 8 // bits
+        for tq in range(4):
+            for j in range(dim // 16):
+                for e in range(4):
+                    c = 32 * (j // 2) + 16 * (j % 2) + 4 * tq + e
+                    offsets[c] = UNIT_BITS * (tq * words + j // per_word) + bits * (j % per_word) + 8 * e
+    else:
+        words, per_half = dim * bits // 256, 16 // bits
+        for g in range(8):
+            for n in range(dim // 8):
+                c = 16 * (n // 2) + 8 * (n % 2) + g
+                half = n // per_half
+                offsets[c] = UNIT_BITS * (g * words + half // 2) + 16 * (half % 2) + bits * (n % per_half)
+    return offsets
 
 
 def word_aligned(dim: int) -> bool:
@@ -160,11 +217,14 @@ class RecordLayout:
     Every row must have the same total bits, so all records share one length. Attributes:
     ``order [..., D]`` (coordinate stored at each position), ``offsets [..., D]`` (first stream
     bit of each coordinate), ``slots`` (codes per unit), ``units`` (``ceil(D / slots)``),
-    ``total_bits`` and ``nbytes``. ``permute`` and ``word_units`` choose the stored order (module
-    doc). Build it once and reuse it: packing and unpacking then do no validation or host work.
+    ``total_bits`` and ``nbytes``. ``permute`` and ``word_units`` choose the stored order, or
+    ``fragments`` (``"keys"`` / ``"values"``) the tensor-core fragment order (module doc). Build it
+    once and reuse it: packing and unpacking then do no validation or host work.
     """
 
-    def __init__(self, widths: torch.Tensor, permute: bool = True, word_units: bool = True):
+    def __init__(
+        self, widths: torch.Tensor, permute: bool = True, word_units: bool = True, fragments: str | None = None
+    ):
         if widths.dtype.is_floating_point or widths.dtype == torch.bool:
             raise TypeError(f"widths must be an integer tensor, got {widths.dtype}")
         if widths.dim() == 0:
@@ -181,7 +241,16 @@ class RecordLayout:
         self.total_bits = int(totals[0]) if flat.shape[0] else 0
         words = -(-self.total_bits // UNIT_BITS)
         self.nbytes = 4 * words if word_aligned(d) else (self.total_bits + 7) // 8
-        self.slots, order, offsets = _plan(flat, permute, word_units)
+        self.fragments = fragments
+        if fragments is None:
+            self.slots, order, offsets = _plan(flat, permute, word_units)
+        else:
+            bits = int(flat[0, 0]) if flat.numel() else 0
+            if flat.numel() and (flat != bits).any():
+                raise ValueError(f"the {fragments} fragment order needs every coordinate at the same width")
+            offsets = fragment_offsets(fragments, d, bits).expand_as(flat).contiguous()
+            order = torch.argsort(offsets, -1)
+            self.slots = UNIT_BITS // bits  # the codes of one word
         self.units = -(-d // self.slots) if d else 0
         self.order = order.reshape(w.shape)
         self.offsets = offsets.reshape(w.shape)

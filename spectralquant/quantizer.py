@@ -25,7 +25,7 @@ from .codebook import (
     poly_basis,
     quantize,
 )
-from .packing import RecordLayout
+from .packing import FRAGMENT_BITS, FRAGMENTS, RecordLayout
 from .rotation import random_orthogonal, randomized_hadamard
 from .stats import Spectrum
 
@@ -71,6 +71,10 @@ class QuantizerConfig:
         shrunk keys flatten the softmax and shrunk values weaken what a retrieved token carries.
         Codes and bytes are unchanged.
     seed: seed for random rotations and the QJL projection.
+    fragments: ``None`` (records in the default order) or ``"keys"`` / ``"values"``: the order the
+        tensor-core decode attention reads (:func:`spectralquant.packing.fragment_offsets`; needs
+        ``allocation="uniform"`` at 2 or 4 bits). With ``codebook="linear"`` on both kinds, CUDA
+        decode attention then runs :mod:`spectralquant.kernels.mma_attention`.
     """
 
     bits: float = 4.0
@@ -88,6 +92,7 @@ class QuantizerConfig:
     attention_aware: bool | None = False
     unbiased: bool = False
     seed: int = 0
+    fragments: str | None = None
 
     def __post_init__(self):
         for name, allowed in (("rotation", ROTATIONS), ("allocation", ALLOCATIONS), ("codebook", CODEBOOKS)):
@@ -103,6 +108,15 @@ class QuantizerConfig:
             raise ValueError(f"scale_bits must be 8 (log byte) or 16 (fp16), got {self.scale_bits}")
         if self.qjl_dims < 0:
             raise ValueError(f"qjl_dims must be >= 0, got {self.qjl_dims}")
+        if self.fragments is not None:
+            if self.fragments not in FRAGMENTS:
+                raise ValueError(f"unknown fragments {self.fragments!r}; choose None or one of {FRAGMENTS}")
+            if self.allocation != "uniform" or self.bits not in FRAGMENT_BITS or self.qjl_dims:
+                raise ValueError(
+                    f"fragments={self.fragments!r} needs every coordinate at the same width: allocation='uniform', "
+                    f"bits 2 or 4 and no QJL (got allocation={self.allocation!r}, bits={self.bits}, "
+                    f"qjl_dims={self.qjl_dims})"
+                )
         if not (self.attention_aware is None or isinstance(self.attention_aware, bool)):
             raise ValueError(
                 f"attention_aware must be True, False or None (when measured), got {self.attention_aware!r}"
@@ -188,7 +202,7 @@ class Quantizer:
         self.poly_coeffs: torch.Tensor | None = None
         qjl = config.qjl_dims
         stream = self.widths if not qjl else torch.cat([self.widths, torch.ones(h, qjl, dtype=torch.int64)], -1)
-        self.layout = RecordLayout(stream)
+        self.layout = RecordLayout(stream, fragments=config.fragments)
 
     # ------------------------------------------------------------------------------ construction
 

@@ -4,8 +4,9 @@ The dispatchers run the Triton kernels on CUDA tensors when Triton is installed 
 support the inputs, and the PyTorch reference otherwise (CPU tensors; QJL quantizers; head dims
 that are not a power of two in [16, 256]; more than 128 query rows per KV head; keys stored
 before RoPE with dynamic frequencies, a partial rotary dimension or head_dim below 32). The kernels
-themselves live in :mod:`.triton_codec` and :mod:`.triton_attention` (imported lazily, so the
-package works without Triton).
+themselves live in :mod:`.triton_codec`, :mod:`.triton_attention` and, for records in fragment
+order (``QuantizerConfig.fragments``), :mod:`.mma_attention` (imported lazily, so the package works
+without Triton).
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def compressed_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``query [B, Hq, Lq, D]`` over a compressed cache (contract: the reference):
-    the fused Triton kernel where it applies, else the reference."""
+    the tensor-core kernel for records in fragment order where it applies, else the fused Triton
+    kernel where it applies, else the reference."""
     if _triton_for(query):
+        from .mma_attention import compressed_attention_mma, mma_unsupported_reason
         from .triton_attention import attention_unsupported_reason, compressed_attention_triton
+
+        if mma_unsupported_reason(query, kv, mask, softcap) is None:
+            return compressed_attention_mma(query, kv, mask, scaling, softcap)
 
         if attention_unsupported_reason(query, kv) is None:
             return compressed_attention_triton(query, kv, mask, scaling, softcap)
