@@ -2,7 +2,8 @@
 
 Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), batch 1/8/32, context
 4k/32k/128k, 4-bit and 3-bit quantizers (random, calibrated on anisotropic Gaussians): per-layer
-time of bf16 ``scaled_dot_product_attention`` (GQA) vs the fused decode attention, bytes each must
+time of bf16 ``scaled_dot_product_attention`` (GQA) vs the fused decode attention (section ``mma``:
+the tensor-core kernel for records in fragment order, 4 or 2 bits per coordinate), bytes each must
 read, achieved bandwidth against a measured device copy, the record layout against the plain
 coordinate-order layout, encode throughput and encode time for a 32k prefill against that
 prefill's attention, and an end-to-end decode of a Llama-8B-shaped model with random weights (also
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from spectralquant.adapters.hf_cache_argument import with_cache
 
 from spectralquant.kernels import compressed_attention_reference
+from spectralquant.kernels.mma_attention import compressed_attention_mma
 from spectralquant.kernels.random_cache import random_compressed_kv, random_quantizer, random_scales
 from spectralquant.kernels.tables import tables_of
 from spectralquant.kernels.triton_attention import TUNING, compressed_attention_triton
@@ -134,8 +136,10 @@ def query(batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, HQ, 1, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
 
 
-def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=None, **tuning) -> dict:
-    """``rope``: a :class:`LinearRope` for keys stored before RoPE (None: after)."""
+def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=None, attend=None, **tuning) -> dict:
+    """``rope``: a :class:`LinearRope` for keys stored before RoPE (None: after); ``attend``: the
+    attention function timed (default: the Triton kernel with ``tuning``)."""
+    attend = attend or (lambda q, kv: compressed_attention_triton(q, kv, **tuning))
     tc = context - WINDOW
     probe = random_compressed_kv(batch, HKV, DIM, tc, WINDOW, SINKS, dtype=torch.bfloat16, device="cuda",
                                  encode=False, quantizers=pair)
@@ -151,11 +155,11 @@ def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=No
     for kv in kvs:
         kv.key_rope = rope
     qs = [query(batch, i) for i in range(n)]
-    calls = [lambda q=q, kv=kv: compressed_attention_triton(q, kv, **tuning) for q, kv in zip(qs, kvs)]
+    calls = [lambda q=q, kv=kv: attend(q, kv) for q, kv in zip(qs, kvs)]
     row = dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
     if check:
         ref = compressed_attention_reference(qs[0], kvs[0])
-        got = compressed_attention_triton(qs[0], kvs[0], **tuning)
+        got = attend(qs[0], kvs[0])
         row["rel_err_vs_reference"] = float((got.double() - ref.double()).norm() / ref.double().norm())
     return row
 
@@ -274,6 +278,53 @@ def attention_table(args, budget: int, copy_bw: float, log) -> list[dict]:
                 if "graph_us" in row.get("sdpa", {}) and "graph_us" in row.get("fused", {}):
                     row["speedup"] = row["sdpa"]["graph_us"] / row["fused"]["graph_us"]
                 log(format_row(row))
+                rows.append(row)
+    return rows
+
+
+FRAGMENT_WIDTHS = ((4, 4), (4, 2), (2, 2))  # (key bits, value bits) of the tensor-core section
+
+
+def fragment_pair(kbits: int, vbits: int):
+    """Key and value quantizers of Llama-8B KV shape whose records the tensor-core kernel reads."""
+    fast = dict(allocation="uniform", codebook="linear")
+    return (random_quantizer(HKV, DIM, kbits, seed=0, fragments="keys", **fast),
+            random_quantizer(HKV, DIM, vbits, seed=1, fragments="values", **fast))
+
+
+def tensor_core_table(args, budget: int, copy_bw: float, log) -> list[dict]:
+    """bf16 SDPA against the tensor-core kernel (the whole call: query, history and combine launches)
+    and the Triton kernel on the same records in fragment order."""
+    rows = []
+    log(" k/v batch context    sdpa_us     mma_us speedup mmaTB/s  %copy mma_eagr  triton_us speedup   relerr")
+    for kbits, vbits in FRAGMENT_WIDTHS:
+        pair = fragment_pair(kbits, vbits)
+        for batch in args.batches:
+            for context in args.contexts:
+                row = dict(key_bits=kbits, value_bits=vbits, batch=batch, context=context)
+                try:
+                    row["sdpa"] = time_sdpa(batch, context, budget)
+                    torch.cuda.empty_cache()
+                    row["mma"] = time_fused(pair, batch, context, budget, batch * context <= 8 * 32768,
+                                            attend=compressed_attention_mma)
+                    torch.cuda.empty_cache()
+                    row["triton"] = time_fused(pair, batch, context, budget, False)
+                except torch.OutOfMemoryError as exc:
+                    row["skipped"] = f"out of memory: {exc}".split("\n")[0]
+                torch.cuda.empty_cache()
+                s, m, t = (row.get(k, {}) for k in ("sdpa", "mma", "triton"))
+                if not all("graph_us" in r for r in (s, m, t)):
+                    log(f"{kbits}/{vbits} {batch:>5} {context:>7}  skipped: {row.get('skipped') or s or m or t}")
+                    rows.append(row)
+                    continue
+                m["bandwidth_TBps"] = m["bytes"] / (m["graph_us"] * 1e-6) / 1e12
+                m["fraction_of_copy_bw"] = m["bytes"] / (m["graph_us"] * 1e-6) / copy_bw
+                row["speedup"] = s["graph_us"] / m["graph_us"]
+                row["triton_speedup"] = s["graph_us"] / t["graph_us"]
+                err = f"{m['rel_err_vs_reference']:.1e}" if "rel_err_vs_reference" in m else "-"
+                log(f"{kbits}/{vbits} {batch:>5} {context:>7} {s['graph_us']:>10.1f} {m['graph_us']:>10.1f} "
+                    f"{row['speedup']:>6.2f}x {m['bandwidth_TBps']:>7.2f} {100 * m['fraction_of_copy_bw']:>5.0f}% "
+                    f"{m['eager_us']:>8.1f} {t['graph_us']:>10.1f} {row['triton_speedup']:>6.2f}x {err:>8}")
                 rows.append(row)
     return rows
 
@@ -465,7 +516,7 @@ def end_to_end_key_domains(layers: int, log) -> dict:
     return out
 
 
-def end_to_end(layers: int, log) -> dict:
+def end_to_end(layers: int, presets: list[str], log) -> dict:
     """Decode tokens/s of a Llama-8B-shaped model (random bf16 weights) at 32k context: FP16
     DynamicCache vs the fused compressed cache at the same batch, and the largest batch whose cache
     fits in the same GPU memory for each (computed from the bytes each holds per sequence, then
@@ -513,7 +564,7 @@ def end_to_end(layers: int, log) -> dict:
     log(f"  fp16 DynamicCache, batch {batch}: {rate:.0f} tokens/s")
 
     calib = synthetic_calibration(layers)
-    for preset in ("standard", "high", "max"):
+    for preset in presets:
         sq.wrap(model, calib, preset=preset, fused=True)
         make = find_adapter(model).state().make_cache
 
@@ -550,7 +601,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument(
         "--sections", nargs="+",
-        default=["tune", "attention", "codebook", "rope", "layout", "encode", "e2e", "e2e_rope"],
+        default=["tune", "attention", "mma", "codebook", "rope", "layout", "encode", "e2e", "e2e_rope"],
     )
     parser.add_argument(
         "--value-allocation", default="waterfill", choices=("waterfill", "uniform"),
@@ -559,6 +610,8 @@ def main() -> None:
     parser.add_argument("--value-min-bits", type=int, default=0,
                         help="fewest bits per value coordinate in the attention section (keys: 0)")
     parser.add_argument("--e2e-layers", type=int, default=32)
+    parser.add_argument("--e2e-presets", nargs="+", default=["standard", "high", "max", "fast"],
+                        help="presets the e2e section runs (after FP16)")
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for one timing's input sets")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -592,11 +645,12 @@ def main() -> None:
     sections = [
         ("tune", lambda: {b: tune(b, budget, log) for b in args.bits}),
         ("attention", lambda: attention_table(args, budget, copy_bw, log)),
+        ("mma", lambda: tensor_core_table(args, budget, copy_bw, log)),
         ("codebook", lambda: codebook_comparison(args, budget, log)),
         ("rope", lambda: rope_comparison(args, budget, log)),
         ("layout", lambda: layout_comparison(args, budget, log)),
         ("encode", lambda: encode_benchmark(args, log)),
-        ("e2e", lambda: end_to_end(args.e2e_layers, log)),
+        ("e2e", lambda: end_to_end(args.e2e_layers, args.e2e_presets, log)),
         ("e2e_rope", lambda: end_to_end_key_domains(args.e2e_layers, log)),
     ]
     for name, fn in sections:

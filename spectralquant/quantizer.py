@@ -10,6 +10,7 @@ projection of the leading coordinates' residual (plus an fp16 residual norm).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -25,7 +26,7 @@ from .codebook import (
     poly_basis,
     quantize,
 )
-from .packing import FRAGMENT_BITS, FRAGMENTS, RecordLayout
+from .packing import FRAGMENT_BITS, FRAGMENTS, RecordLayout, fragment_unsupported_reason
 from .rotation import random_orthogonal, randomized_hadamard
 from .stats import Spectrum
 
@@ -202,7 +203,12 @@ class Quantizer:
         self.poly_coeffs: torch.Tensor | None = None
         qjl = config.qjl_dims
         stream = self.widths if not qjl else torch.cat([self.widths, torch.ones(h, qjl, dtype=torch.int64)], -1)
-        self.layout = RecordLayout(stream, fragments=config.fragments)
+        fragments = config.fragments
+        if fragments is not None and (reason := fragment_unsupported_reason(fragments, d, int(self.widths.max()))):
+            warnings.warn(f"records stay in the default order ({reason}): decode attention will not use the "
+                          "tensor-core kernel", stacklevel=2)
+            fragments = None
+        self.layout = RecordLayout(stream, fragments=fragments)
 
     # ------------------------------------------------------------------------------ construction
 

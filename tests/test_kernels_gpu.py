@@ -288,3 +288,93 @@ def test_decoding_with_keys_before_rope_through_the_kernel_matches_the_reference
     assert view.compressed_length > 0
     assert attention_unsupported_reason(q, view) is None
     assert rel(logits[0], logits[1]) < 1e-2
+
+
+# Records in fragment order read by the tensor-core kernel (spectralquant/kernels/mma_attention.py):
+# (head dim, (key bits, value bits)).
+FRAGMENT_CASES = [(64, (4, 4)), (64, (2, 4)), (128, (4, 4)), (128, (4, 2)), (128, (2, 2)), (128, (2, 4))]
+
+
+def fragment_case(dim, bits, groups=4, seed=0, **kwargs):
+    from spectralquant.kernels.random_cache import random_quantizer
+
+    fast = dict(allocation="uniform", codebook="linear")
+    pair = (random_quantizer(8, dim, bits[0], seed=seed, fragments="keys", **fast),
+            random_quantizer(8, dim, bits[1], seed=seed + 1, fragments="values", **fast))
+    return ragged_case(dim, bits, groups=groups, seed=seed, quantizers=pair, **kwargs)
+
+
+@pytest.mark.parametrize("dim,bits", FRAGMENT_CASES, ids=str)
+def test_tensor_core_history_kernel_matches_its_reference(dim, bits):
+    from spectralquant.kernels.mma_attention import (
+        history_partials,
+        history_partials_reference,
+        query_fragments,
+        query_fragments_reference,
+        splits_of,
+        tables_of,
+    )
+
+    q, kv, mask = fragment_case(dim, bits, seed=dim + bits[0], compressed=2999)
+    tables = tables_of(kv.key_quantizer, kv.value_quantizer)
+    qf, qp = query_fragments(q, tables, dim**-0.5 * 1.4426950408889634)
+    _, _, qi = query_fragments_reference(q, tables, dim**-0.5 * 1.4426950408889634)
+    poison()
+    po, pm, pl, n = history_partials(kv, mask, qf, qp, tables)
+    assert n == splits_of(kv.compressed_length, q.shape[0] * 8, q.device)[0] > 1
+    # The kernel read qf; the reference reads qi (equal up to rare rounding ties between the Triton and
+    # PyTorch roundings) with the kernel's own qp.
+    length = splits_of(kv.compressed_length, 32, q.device)[1]
+    rpo, rpm, rpl = history_partials_reference(kv, mask, qi, qp, tables, n, length)
+    live = rpl > 0
+    assert torch.equal(live, pl > 0) and torch.isfinite(po).all()
+    torch.testing.assert_close(pm[live], rpm[live], rtol=1e-4, atol=2e-3)
+    assert rel(pl[live], rpl[live]) < 2e-3
+    assert rel(po[live], rpo[live]) < 3e-3
+
+
+@pytest.mark.parametrize("dim,bits", FRAGMENT_CASES, ids=str)
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_tensor_core_attention_matches_the_reference_on_ragged_batches(dim, bits, groups):
+    from spectralquant.kernels import compressed_attention, compressed_attention_reference
+    from spectralquant.kernels.mma_attention import mma_unsupported_reason
+
+    q, kv, mask = fragment_case(dim, bits, groups=groups, seed=groups)
+    assert mma_unsupported_reason(q, kv, mask) is None
+    for m in (mask, None):
+        ref = compressed_attention_reference(q, kv, m)
+        poison()
+        got = compressed_attention(q, kv, m)
+        assert torch.isfinite(got).all()
+        assert rel(got, ref) < 1e-2
+
+
+def test_generation_with_the_fast_preset_uses_the_tensor_core_kernel_and_matches_the_reference_path(monkeypatch):
+    import transformers as tf
+    from conftest import TINY_COMMON
+    from spectralquant.integrations import fused_attention
+
+    import spectralquant as sq
+    from spectralquant.kernels import compressed_attention_reference, mma_attention
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_COMMON, "head_dim": 64})).eval().cuda()
+    ids = torch.randint(2, 96, (3, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # a left-padded row
+    calib = sq.calibrate(model, token_ids=ids.cpu(), sensitivity=False, progress=False)
+    sq.wrap(model, calib, preset="fast", window=8, chunk=4, sinks=2, fused=True)
+    calls = []
+    kernel = mma_attention.compressed_attention_mma
+    monkeypatch.setattr(mma_attention, "compressed_attention_mma", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert calls, "the tensor-core kernel was not used"
+    monkeypatch.setattr(fused_attention, "compressed_attention", compressed_attention_reference)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    sq.unwrap(model)
+    got, want = torch.stack(out.logits), torch.stack(ref.logits)
+    same = (out.sequences == ref.sequences).all(1)
+    assert same.any(), "every row's greedy path diverged"
+    assert rel(got[:, same], want[:, same]) < 1e-2

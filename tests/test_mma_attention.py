@@ -133,3 +133,50 @@ def test_where_the_tensor_core_kernel_applies():
     assert "evenly spaced" in inputs_unsupported_reason(q, quintic)
     plain = random_compressed_kv(1, 2, 128, 32, 8, allocation="uniform", codebook="linear")
     assert "fragment order" in inputs_unsupported_reason(q, plain)
+
+
+def _llama(head_dim: int):
+    import transformers as tf
+    from conftest import TINY_COMMON
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_COMMON, "head_dim": head_dim})).eval()
+
+
+def test_fast_preset_stores_records_in_fragment_order_and_generates():
+    import spectralquant as sq
+    from spectralquant.adapters import find_adapter
+
+    model = _llama(64)
+    ids = torch.randint(2, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    calib = sq.calibrate(model, token_ids=ids, sensitivity=False, progress=False)
+    before = model.generate(ids, max_new_tokens=4, do_sample=False)
+    sq.wrap(model, calib, preset="fast", window=8, chunk=4, sinks=2)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    layers = find_adapter(model).state().last_cache.layers
+    assert out.shape == before.shape
+    assert [(layer.codec.key.layout.fragments, layer.codec.value.layout.fragments) for layer in layers] == [
+        ("keys", "values")
+    ] * len(layers)
+    sq.unwrap(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), before)
+
+
+def test_fast_preset_warns_and_keeps_the_default_order_where_fragments_do_not_fit():
+    import spectralquant as sq
+
+    model = _llama(16)
+    calib = sq.calibrate(model, token_ids=torch.randint(2, 96, (2, 40)), sensitivity=False, progress=False)
+    with pytest.warns(UserWarning, match="tensor-core kernel"):
+        sq.wrap(model, calib, preset="fast")
+    sq.unwrap(model)
+
+
+def test_fast_preset_rejects_budgets_that_change_widths_per_layer():
+    from spectralquant.config import resolve_config
+
+    with pytest.raises(ValueError, match="layer_budget='uniform'"):
+        resolve_config("fast", layer_budget="sensitivity")
+    with pytest.raises(ValueError, match="bits 2 or 4"):
+        resolve_config("fast", bits=3)
+    assert resolve_config("fast", value_bits=2).value.bits == 2

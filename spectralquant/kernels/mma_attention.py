@@ -304,7 +304,7 @@ def quantizer_unsupported_reason(q: Quantizer, kind: str) -> str | None:
     """Why the tensor-core kernel cannot read ``q``'s ``kind`` (``keys`` / ``values``) records, or None."""
     if not isinstance(q, Quantizer):
         return f"{type(q).__name__} is a baseline codec"
-    if q.config.fragments != kind:
+    if q.layout.fragments != kind:
         return f"the {kind} records are not in {kind} fragment order (QuantizerConfig.fragments={kind!r})"
     if q.dim not in DIMS:
         return f"head_dim {q.dim} is not one of {DIMS}"
