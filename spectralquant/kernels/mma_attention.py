@@ -33,6 +33,7 @@ a CUDA GPU of compute capability >= 8.0 and ``torch.cuda._compile_kernel``.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -276,15 +277,15 @@ class MmaTables:
         self.key_h = (2**self.kbits - 1) / 2
 
 
-_TABLES: dict[tuple[int, int], tuple[Quantizer, Quantizer, MmaTables]] = {}
+_TABLES: weakref.WeakKeyDictionary[Quantizer, tuple[Quantizer, MmaTables]] = weakref.WeakKeyDictionary()
 
 
 def tables_of(key: Quantizer, value: Quantizer) -> MmaTables:
     """Cached :class:`MmaTables` of a quantizer pair (built once per pair of objects)."""
-    entry = _TABLES.get((id(key), id(value)))
-    if entry is None or entry[0] is not key or entry[1] is not value:
-        entry = _TABLES[(id(key), id(value))] = (key, value, MmaTables(key, value))
-    return entry[2]
+    entry = _TABLES.get(key)
+    if entry is None or entry[0] is not value:
+        entry = _TABLES[key] = (value, MmaTables(key, value))
+    return entry[1]
 
 
 def _step(q: Quantizer) -> torch.Tensor:
@@ -295,13 +296,26 @@ def _step(q: Quantizer) -> torch.Tensor:
 
 def _linear_levels(q: Quantizer) -> bool:
     b = int(q.widths[0, 0])
-    levels = q.unit_levels[:, b, : 2**b].double()
+    levels = q.unit_levels[:, b, : 2**b].double().cpu()
     want = (levels[:, 1:2] - levels[:, :1]) * (torch.arange(2**b, dtype=torch.float64) - (2**b - 1) / 2)
-    return bool(torch.allclose(levels, want.to(levels.device), rtol=1e-5, atol=1e-6))
+    return bool(torch.allclose(levels, want, rtol=1e-5, atol=1e-6))
+
+
+_REASONS: weakref.WeakKeyDictionary[Quantizer, dict[str, str | None]] = weakref.WeakKeyDictionary()
 
 
 def quantizer_unsupported_reason(q: Quantizer, kind: str) -> str | None:
-    """Why the tensor-core kernel cannot read ``q``'s ``kind`` (``keys`` / ``values``) records, or None."""
+    """Why the tensor-core kernel cannot read ``q``'s ``kind`` (``keys`` / ``values``) records, or None.
+    Cached per quantizer object (the answer reads its device tensors once)."""
+    if not isinstance(q, Quantizer):
+        return f"{type(q).__name__} is a baseline codec"
+    known = _REASONS.setdefault(q, {})
+    if kind not in known:
+        known[kind] = _quantizer_reason(q, kind)
+    return known[kind]
+
+
+def _quantizer_reason(q: Quantizer, kind: str) -> str | None:
     if not isinstance(q, Quantizer):
         return f"{type(q).__name__} is a baseline codec"
     if q.layout.fragments != kind:
