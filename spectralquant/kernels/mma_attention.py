@@ -1,4 +1,4 @@
-"""Decode attention on integer tensor cores, for records in fragment order, in three launches.
+"""Decode attention on integer tensor cores, for records in fragment order, in four launches.
 
 Reference: :func:`~spectralquant.kernels.reference.compressed_attention_reference` (whole call),
 :func:`query_fragments_reference` and :func:`history_partials_reference` (the first two steps).
@@ -21,9 +21,11 @@ and values need one ``lop3`` and one exact fp16 subtraction per two codes.
    output coordinates as rows (``P^T`` by two ``movmatrix`` transposes of the score fragment).
    Writes normalized partials in the value basis, in units of the value levels' step. Sink
    positions and masked tokens are skipped.
-3. ``_combine_kernel`` (Triton), grid ``(H, B)``: merges the split partials, rotates the merge back
-   once (``x = (basis * level_scale * A) z + mean``), runs the exact tokens (fp16 window and sinks)
-   in the natural basis and merges the two.
+3. ``_merge_kernel`` (Triton), grid ``(B * H, D / 32)``: merges the split partials, 32 output
+   coordinates per program.
+4. ``_finish_kernel`` (Triton), grid ``(H, B)``: rotates the merge back once (``x = (basis *
+   level_scale * A) z + mean``), runs the exact tokens (fp16 window and sinks) in the natural basis
+   and merges the two.
 
 Limits (the dispatcher uses the other kernels outside them): one query token, at most 4 query
 heads per KV head, head_dim 64 or 128, 8-bit log scales, keys stored after RoPE, no soft-capping;
@@ -50,6 +52,8 @@ DIMS = (64, 128)
 WARPS = 1  # warps per block; each is one split (fastest on the H100: benchmarks/results/cuda_probe_imma.json)
 SPLITS_PER_SM = 16  # warps' worth of splits per multiprocessor
 MIN_SPLIT = 64  # tokens
+MERGE_DC = 32  # output coordinates per merge program
+MERGE_SPLITS = 32  # split partials a merge program loads at a time
 
 SOURCE = r"""
 #define D __D__
@@ -543,14 +547,45 @@ def history_partials_reference(
 
 
 @triton.jit
-def _combine_kernel(
-    Q, sqb, sqh, PO, PM, PL, n_splits, VB16, VMEAN,
+def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, D: tl.constexpr, DC: tl.constexpr, SB: tl.constexpr):
+    """Program ``(bh, c)``: the split partials of one KV head merged for output coordinates
+    ``[c DC, (c + 1) DC)`` of its 4 rows (one online pass, SB splits at a time)."""
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * DC + tl.arange(0, DC)
+    r = tl.arange(0, 4)
+    m_run = tl.full((4,), float("-inf"), tl.float32)
+    l_run = tl.zeros((4,), tl.float32)
+    z = tl.zeros((4, DC), tl.float32)
+    for k0 in range(0, n_splits, SB):
+        k = k0 + tl.arange(0, SB)
+        ok = (k < n_splits)[:, None]
+        rows = (bh * n_splits + k)[:, None] * 4 + r[None, :]
+        pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
+        pl = tl.load(PL + rows, mask=ok, other=0.0)
+        po = tl.load(PO + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(pm, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(pm - m_use[None, :]) * pl
+        alpha = tl.exp2(m_run - m_use)
+        l_run = l_run * alpha + tl.sum(w, 0)
+        z = z * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
+        m_run = m_new
+    tl.store(Z + (bh * 4 + r)[:, None] * D + c[None, :], z / tl.where(l_run > 0, l_run, 1.0)[:, None])
+    if tl.program_id(1) == 0:
+        tl.store(ZM + bh * 4 + r, m_run)
+        tl.store(ZL + bh * 4 + r, l_run)
+
+
+@triton.jit
+def _finish_kernel(
+    Q, sqb, sqh, Z, ZM, ZL, VB16, VMEAN,
     WK, swkb, swkh, swkt, WV, swvb, swvh, swvt, n_window,
     SK, sskb, sskh, sskt, SV, ssvb, ssvh, ssvt, n_sinks, SPOS, n_compressed,
     MASK, smb, smt, O, sob, soh, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, SB: tl.constexpr, BW: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
+    """Program ``(h, b)``: the merged history rotated back once, the exact tokens in the natural basis,
+    and one softmax over both."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     n_heads = tl.num_programs(0)
@@ -558,26 +593,11 @@ def _combine_kernel(
     d = tl.arange(0, D)
     row_ok = r < G
     b64 = b.to(tl.int64)
-    # 1. The history: merge the split partials (value basis), then rotate the merge back once.
-    first = (b64 * n_heads + h) * n_splits
-    m_h = tl.full((RP,), float("-inf"), tl.float32)
-    l_h = tl.zeros((RP,), tl.float32)
-    z = tl.zeros((RP, D), tl.float32)
-    for k0 in range(0, n_splits, SB):
-        k = k0 + tl.arange(0, SB)
-        ok = (k < n_splits)[:, None] & row_ok[None, :]
-        rows = (first + k)[:, None] * 4 + r[None, :]
-        pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
-        pl = tl.load(PL + rows, mask=ok, other=0.0)
-        po = tl.load(PO + rows[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
-        m_new = tl.maximum(m_h, tl.max(pm, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(pm - m_use[None, :]) * pl
-        alpha = tl.exp2(m_h - m_use)
-        l_h = l_h * alpha + tl.sum(w, 0)
-        z = z * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
-        m_h = m_new
-    z = z / tl.where(l_h > 0, l_h, 1.0)[:, None]
+    bh = b64 * n_heads + h
+    # 1. The history: x = (basis * level_scale * A) z + mean.
+    z = tl.load(Z + (bh * 4 + r)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_h = tl.load(ZM + bh * 4 + r, mask=row_ok, other=float("-inf"))
+    l_h = tl.load(ZL + bh * 4 + r, mask=row_ok, other=0.0)
     basis = tl.load(VB16 + h * D * D + d[:, None] * D + d[None, :])  # [D coordinate, D natural]
     x_h = tl.dot(z.to(tl.float16), basis) + tl.load(VMEAN + h * D + d)[None, :]
     # 2. The exact tokens in the natural basis: the window, then the sinks that replace history slots.
@@ -611,11 +631,11 @@ def _combine_kernel(
         m_e, l_e, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_e, l_e)
         vs = tl.load(SV + b64 * ssvb + h * ssvh + j64[:, None] * ssvt + d[None, :], mask=j_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p, vs.to(tl.float32))
-    # 3. One softmax over both.
+    # 3. One softmax over both (acc is not normalized: its weight is exp2(m_e - m), its mass l_e).
     m = tl.maximum(m_h, m_e)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w_h = tl.exp2(m_h - m_use) * l_h
-    w_e = tl.exp2(m_e - m_use)  # acc is not normalized: its weight is exp2(m_e - m) and l_e sums into the total
+    w_e = tl.exp2(m_e - m_use)
     total = w_h + w_e * l_e
     out = (w_h[:, None] * x_h + w_e[:, None] * acc) / tl.where(total > 0, total, 1.0)[:, None]
     ptr = O + b64 * sob + (h * G + r).to(tl.int64)[:, None] * soh + d[None, :]
@@ -662,13 +682,19 @@ def compressed_attention_mma(
         mask_arg, mask_strides = m, m.stride()
     else:
         mask_arg, mask_strides = query, (0, 0)
-    sb = max(1, min(triton.next_power_of_2(max(n, 1)), 8192 // (16 * d)))
-    _combine_kernel[(h, b)](
-        query, query.stride(0), query.stride(1), po, pm, pl, n, tables.value_basis16, tables.value_mean,
+    z = torch.empty(b * h, ROWS, d, dtype=torch.float32, device=query.device)
+    zm = torch.empty(b * h, ROWS, dtype=torch.float32, device=query.device)
+    zl = torch.empty_like(zm)
+    _merge_kernel[(b * h, d // MERGE_DC)](
+        po, pm, pl, z, zm, zl, n, D=d, DC=MERGE_DC, SB=max(1, min(MERGE_SPLITS, triton.next_power_of_2(max(n, 1)))),
+        num_warps=4,
+    )
+    _finish_kernel[(h, b)](
+        query, query.stride(0), query.stride(1), z, zm, zl, tables.value_basis16, tables.value_mean,
         kv.window_keys, *kv.window_keys.stride()[:3], kv.window_values, *kv.window_values.stride()[:3], n_window,
         sk, *sk.stride()[:3], sv, *sv.stride()[:3], n_sinks, kv.sink_pos, tc,
         mask_arg, *mask_strides, out, out.stride(0), out.stride(1), qk_scale,
-        G=hq // h, D=d, RP=16, SB=sb, BW=max(32, triton.next_power_of_2(n_sinks)), HAS_MASK=mask is not None,
+        G=hq // h, D=d, RP=16, BW=max(32, triton.next_power_of_2(n_sinks)), HAS_MASK=mask is not None,
         num_warps=4,
     )
     return out
