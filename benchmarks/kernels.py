@@ -329,6 +329,27 @@ def tensor_core_table(args, budget: int, copy_bw: float, log) -> list[dict]:
     return rows
 
 
+def tensor_core_tune(args, budget: int, log) -> list[dict]:
+    """The tensor-core kernel's split rule (least tokens per split, warps' worth of splits per
+    multiprocessor) at 4 / 4 bits, batch 1 / 4k, 1 / 32k and 8 / 32k; keeps the module's defaults."""
+    from spectralquant.kernels import mma_attention
+
+    defaults = mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM
+    pair, rows = fragment_pair(4, 4), []
+    for min_split in (64, 128, 256):
+        for per_sm in (8, 16, 32):
+            mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM = min_split, per_sm
+            row = dict(min_split=min_split, splits_per_sm=per_sm)
+            for batch, context in ((1, 4096), (1, 32768), (8, 32768)):
+                row[f"{batch}/{context}"] = time_fused(pair, batch, context, budget, False,
+                                                       attend=compressed_attention_mma)["graph_us"]
+            log(f"  min split {min_split:>4}, {per_sm:>2} splits per SM: " + ", ".join(
+                f"{k} {v:.1f} us" for k, v in row.items() if "/" in k))
+            rows.append(row)
+    mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM = defaults
+    return rows
+
+
 def format_row(row: dict) -> str:
     s, f = row.get("sdpa", {}), row.get("fused", {})
     head = f"{row['bits']:>4} {row['batch']:>5} {row['context']:>7}"
@@ -645,6 +666,7 @@ def main() -> None:
     sections = [
         ("tune", lambda: {b: tune(b, budget, log) for b in args.bits}),
         ("attention", lambda: attention_table(args, budget, copy_bw, log)),
+        ("mma_tune", lambda: tensor_core_tune(args, budget, log)),
         ("mma", lambda: tensor_core_table(args, budget, copy_bw, log)),
         ("codebook", lambda: codebook_comparison(args, budget, log)),
         ("rope", lambda: rope_comparison(args, budget, log)),

@@ -40,11 +40,12 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..compressed_kv import CompressedKV
 from ..packing import FRAGMENT_BITS
 from ..quantizer import Quantizer, decode_scale
-from .triton_attention import LOG2E, _softmax_step, _words
+from .triton_attention import LOG2E, PDL_SUPPORTED, _softmax_step, _words
 
 ROWS = 4  # query rows per KV head (columns 0-3 of the integer product; 4-7 hold their low bytes)
 QMAX = 32639  # fixed-point query range: 256 * hi + lo with hi, lo signed bytes
@@ -147,6 +148,9 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
     const uint2* __restrict__ QF, const float* __restrict__ QP,
     float* __restrict__ PO, float* __restrict__ PM, float* __restrict__ PL,
     int H, int T, int split_len, int n_splits, unsigned h2) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the merge kernel may be scheduled now; it waits for us
+#endif
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int split = blockIdx.x * __WARPS__ + (threadIdx.x >> 5);
   if (split >= n_splits) return;
@@ -547,9 +551,13 @@ def history_partials_reference(
 
 
 @triton.jit
-def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, D: tl.constexpr, DC: tl.constexpr, SB: tl.constexpr):
+def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, D: tl.constexpr, DC: tl.constexpr, SB: tl.constexpr,
+                  PDL: tl.constexpr):
     """Program ``(bh, c)``: the split partials of one KV head merged for output coordinates
     ``[c DC, (c + 1) DC)`` of its 4 rows (one online pass, SB splits at a time)."""
+    if PDL:
+        gdc_launch_dependents()  # the finish kernel may start its exact tokens now
+        gdc_wait()  # launched while the history kernel runs: wait for its partials
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * DC + tl.arange(0, DC)
     r = tl.arange(0, 4)
@@ -583,9 +591,10 @@ def _finish_kernel(
     SK, sskb, sskh, sskt, SV, ssvb, ssvh, ssvt, n_sinks, SPOS, n_compressed,
     MASK, smb, smt, O, sob, soh, qk_scale,
     G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Program ``(h, b)``: the merged history rotated back once, the exact tokens in the natural basis,
-    and one softmax over both."""
+    """Program ``(h, b)``: the exact tokens in the natural basis (while the merge may still run), the
+    merged history rotated back once, and one softmax over both."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     n_heads = tl.num_programs(0)
@@ -594,13 +603,7 @@ def _finish_kernel(
     row_ok = r < G
     b64 = b.to(tl.int64)
     bh = b64 * n_heads + h
-    # 1. The history: x = (basis * level_scale * A) z + mean.
-    z = tl.load(Z + (bh * 4 + r)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    m_h = tl.load(ZM + bh * 4 + r, mask=row_ok, other=float("-inf"))
-    l_h = tl.load(ZL + bh * 4 + r, mask=row_ok, other=0.0)
-    basis = tl.load(VB16 + h * D * D + d[:, None] * D + d[None, :])  # [D coordinate, D natural]
-    x_h = tl.dot(z.to(tl.float16), basis) + tl.load(VMEAN + h * D + d)[None, :]
-    # 2. The exact tokens in the natural basis: the window, then the sinks that replace history slots.
+    # 1. The exact tokens in the natural basis: the window, then the sinks that replace history slots.
     q = tl.load(Q + b64 * sqb + (h * G + r).to(tl.int64)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
                 other=0.0).to(tl.float32)
     m_e = tl.full((RP,), float("-inf"), tl.float32)
@@ -631,6 +634,15 @@ def _finish_kernel(
         m_e, l_e, alpha, p = _softmax_step(tl.where(ok, s, float("-inf")), m_e, l_e)
         vs = tl.load(SV + b64 * ssvb + h * ssvh + j64[:, None] * ssvt + d[None, :], mask=j_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p, vs.to(tl.float32))
+    # 2. The history: x = (basis * level_scale * A) z + mean.
+    basis = tl.load(VB16 + h * D * D + d[:, None] * D + d[None, :])  # [D coordinate, D natural]
+    mean = tl.load(VMEAN + h * D + d)
+    if PDL:
+        gdc_wait()  # launched while the merge runs: wait for its results
+    z = tl.load(Z + (bh * 4 + r)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_h = tl.load(ZM + bh * 4 + r, mask=row_ok, other=float("-inf"))
+    l_h = tl.load(ZL + bh * 4 + r, mask=row_ok, other=0.0)
+    x_h = tl.dot(z.to(tl.float16), basis) + mean[None, :]
     # 3. One softmax over both (acc is not normalized: its weight is exp2(m_e - m), its mass l_e).
     m = tl.maximum(m_h, m_e)
     m_use = tl.where(m == float("-inf"), 0.0, m)
@@ -685,9 +697,13 @@ def compressed_attention_mma(
     z = torch.empty(b * h, ROWS, d, dtype=torch.float32, device=query.device)
     zm = torch.empty(b * h, ROWS, dtype=torch.float32, device=query.device)
     zl = torch.empty_like(zm)
+    # Programmatic dependent launches (Hopper and later): the merge starts while the history kernel
+    # runs and the finish kernel's exact tokens while the merge runs; each waits before reading.
+    pdl = PDL_SUPPORTED and query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
+    launch = {"launch_pdl": True} if pdl else {}
     _merge_kernel[(b * h, d // MERGE_DC)](
         po, pm, pl, z, zm, zl, n, D=d, DC=MERGE_DC, SB=max(1, min(MERGE_SPLITS, triton.next_power_of_2(max(n, 1)))),
-        num_warps=4,
+        PDL=pdl, num_warps=4, **launch,
     )
     _finish_kernel[(h, b)](
         query, query.stride(0), query.stride(1), z, zm, zl, tables.value_basis16, tables.value_mean,
@@ -695,7 +711,7 @@ def compressed_attention_mma(
         sk, *sk.stride()[:3], sv, *sv.stride()[:3], n_sinks, kv.sink_pos, tc,
         mask_arg, *mask_strides, out, out.stride(0), out.stride(1), qk_scale,
         G=hq // h, D=d, RP=16, BW=max(32, triton.next_power_of_2(n_sinks)), HAS_MASK=mask is not None,
-        num_warps=4,
+        PDL=pdl, num_warps=4, **launch,
     )
     return out
 
