@@ -334,11 +334,12 @@ def tensor_core_tune(args, budget: int, log) -> list[dict]:
     multiprocessor) at 4 / 4 bits, batch 1 / 4k, 1 / 32k and 8 / 32k; keeps the module's defaults."""
     from spectralquant.kernels import mma_attention
 
-    defaults = mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM
+    defaults = mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM, mma_attention.FEW_ROWS
     pair, rows = fragment_pair(4, 4), []
     for min_split in (64, 128, 256):
         for per_sm in (8, 16, 32):
-            mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM = min_split, per_sm
+            # FEW_ROWS = 0: every grid gets per_sm splits' worth per multiprocessor
+            mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM, mma_attention.FEW_ROWS = min_split, per_sm, 0
             row = dict(min_split=min_split, splits_per_sm=per_sm)
             for batch, context in ((1, 4096), (1, 32768), (8, 32768)):
                 row[f"{batch}/{context}"] = time_fused(pair, batch, context, budget, False,
@@ -346,7 +347,7 @@ def tensor_core_tune(args, budget: int, log) -> list[dict]:
             log(f"  min split {min_split:>4}, {per_sm:>2} splits per SM: " + ", ".join(
                 f"{k} {v:.1f} us" for k, v in row.items() if "/" in k))
             rows.append(row)
-    mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM = defaults
+    mma_attention.MIN_SPLIT, mma_attention.SPLITS_PER_SM, mma_attention.FEW_ROWS = defaults
     return rows
 
 

@@ -51,7 +51,12 @@ ROWS = 4  # query rows per KV head (columns 0-3 of the integer product; 4-7 hold
 QMAX = 32639  # fixed-point query range: 256 * hi + lo with hi, lo signed bytes
 DIMS = (64, 128)
 WARPS = 1  # warps per block; each is one split (fastest on the H100: benchmarks/results/cuda_probe_imma.json)
-SPLITS_PER_SM = 16  # warps' worth of splits per multiprocessor
+# Splits: warps' worth per multiprocessor (half as many while the grid has fewer than 64 KV-head rows),
+# and at least MIN_SPLIT tokens each. H100, 4 / 4 bits (benchmarks/results/kernels_mma_tune.json):
+# 8 per SM is fastest at batch 1 (4k: 17.7 us, 32k: 30.5 us; 16 per SM: 18.6, 36.0), 16 at batch 8 / 32k
+# (118.2 us; 8 per SM: 132.8).
+SPLITS_PER_SM = 16
+FEW_ROWS = 64
 MIN_SPLIT = 64  # tokens
 MERGE_DC = 32  # output coordinates per merge program
 MERGE_SPLITS = 32  # split partials a merge program loads at a time
@@ -463,12 +468,14 @@ def query_fragments_reference(
 
 
 def splits_of(n_compressed: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(number of splits, tokens per split): about :data:`SPLITS_PER_SM` warps' worth of splits per
-    multiprocessor, at least :data:`MIN_SPLIT` tokens each, in multiples of 16."""
+    """(number of splits, tokens per split) for ``rows`` (batch x KV heads) histories: about
+    :data:`SPLITS_PER_SM` warps' worth of splits per multiprocessor (half that below
+    :data:`FEW_ROWS` rows), at least :data:`MIN_SPLIT` tokens each, in multiples of 16."""
     if n_compressed == 0:
         return 0, MIN_SPLIT
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, SPLITS_PER_SM * sms // rows)
+    per_sm = SPLITS_PER_SM if rows >= FEW_ROWS else SPLITS_PER_SM // 2
+    want = max(1, per_sm * sms // rows)
     length = max(MIN_SPLIT, 16 * math.ceil(n_compressed / want / 16))
     return math.ceil(n_compressed / length), length
 
