@@ -34,6 +34,7 @@ a CUDA GPU of compute capability >= 8.0 and ``torch.cuda._compile_kernel``.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -288,6 +289,9 @@ class MmaTables:
         self.value_basis16 = self.value_basis16.half().contiguous()
         self.key_mean, self.value_mean = key.mean.float().contiguous(), value.mean.float().contiguous()
         self.key_h = (2**self.kbits - 1) / 2
+        # 1024 + 2**vbits as an fp16 pair (the history kernel's value offset), as a C int
+        half = int(torch.tensor(1024 + 2**self.vbits, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+        self.value_offset2 = half * 0x10001 - 2**32 if half * 0x10001 >= 2**31 else half * 0x10001
 
 
 _TABLES: weakref.WeakKeyDictionary[Quantizer, tuple[Quantizer, MmaTables]] = weakref.WeakKeyDictionary()
@@ -352,9 +356,14 @@ def mma_unsupported_reason(
         return "the query is not on a CUDA device"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return "this torch has no torch.cuda._compile_kernel (NVRTC)"
-    if torch.cuda.get_device_capability(query.device)[0] < 8:
+    if _capability(query.device)[0] < 8:
         return "the GPU's compute capability is below 8.0"
     return inputs_unsupported_reason(query, kv, mask, softcap)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def inputs_unsupported_reason(
@@ -501,13 +510,11 @@ def history_partials(
         mask_args = [m, 1, m.stride(0), m.stride(1)]
     else:
         mask_args = [ks, 0, 0, 0]
-    h2 = int(torch.tensor(1024 + 2**tables.vbits, dtype=torch.float16).view(torch.int16)) & 0xFFFF
-    h2 = h2 * 0x10001
     _history_kernel(d, tables.kbits, tables.vbits)(
         grid=(math.ceil(n / WARPS), b * h, 1), block=(32 * WARPS, 1, 1),
         args=[kw, *kw.stride()[:3], vw, *vw.stride()[:3], ks, *ks.stride(), vs, *vs.stride(), *mask_args,
               kv.sink_pos.to(torch.int64), kv.sink_keys.shape[2] if kv.sink_keys is not None else 0,
-              qf, qp, po, pm, pl, h, tc, length, n, h2 - 2**32 if h2 >= 2**31 else h2],
+              qf, qp, po, pm, pl, h, tc, length, n, tables.value_offset2],
     )
     return po, pm, pl, n
 
@@ -706,7 +713,7 @@ def compressed_attention_mma(
     zl = torch.empty_like(zm)
     # Programmatic dependent launches (Hopper and later): the merge starts while the history kernel
     # runs and the finish kernel's exact tokens while the merge runs; each waits before reading.
-    pdl = PDL_SUPPORTED and query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
+    pdl = PDL_SUPPORTED and query.is_cuda and _capability(query.device)[0] >= 9
     launch = {"launch_pdl": True} if pdl else {}
     _merge_kernel[(b * h, d // MERGE_DC)](
         po, pm, pl, z, zm, zl, n, D=d, DC=MERGE_DC, SB=max(1, min(MERGE_SPLITS, triton.next_power_of_2(max(n, 1)))),
