@@ -23,9 +23,13 @@ and values need one ``lop3`` and one exact fp16 subtraction per two codes.
    positions and masked tokens are skipped.
 3. ``_merge_kernel`` (Triton), grid ``(B * H, D / 32)``: merges the split partials, 32 output
    coordinates per program.
-4. ``_finish_kernel`` (Triton), grid ``(H, B)``: rotates the merge back once (``x = (basis *
-   level_scale * A) z + mean``), runs the exact tokens (fp16 window and sinks) in the natural basis
-   and merges the two.
+4. ``_finish_kernel`` (Triton), grid ``(H, B)``: runs the exact tokens (fp16 window and sinks) in
+   the natural basis, rotates the merge back once (``x = (basis * level_scale * A) z + mean``) and
+   merges the two.
+
+On Hopper, 2-4 are programmatic dependent launches (2 through ``cuLaunchKernelEx``): each may start
+while the previous kernel runs, does what does not depend on it (the history kernel loads its first
+records, the finish kernel runs the exact tokens) and then waits for it.
 
 Limits (the dispatcher uses the other kernels outside them): one query token, at most 4 query
 heads per KV head, head_dim 64 or 128, 8-bit log scales, keys stored after RoPE, no soft-capping;
@@ -34,6 +38,7 @@ a CUDA GPU of compute capability >= 8.0 and ``torch.cuda._compile_kernel``.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import weakref
@@ -168,6 +173,13 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
   const unsigned char* mask = has_mask ? MASK + b * smb : nullptr;
   const long sink_lo = SPOS[b];
   const bool live = tq < 2;  // lanes whose score columns are query rows 2 tq, 2 tq + 1 (high pieces)
+  const int start = split * split_len, end = min(start + split_len, T);
+  Tile cur = load_tile(kr, skt, vr, svt, ks, sst, vs, svst, mask, smt, start, end, T, sink_lo, n_sinks, g, tq);
+#if __CUDA_ARCH__ >= 900
+  // Launched while the query kernel may still run (a programmatic dependent launch): the first records are
+  // on their way; wait for the query fragments. A no-op for a plain launch.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   uint2 qf[D / 32];
   #pragma unroll
   for (int i = 0; i < D / 32; ++i) qf[i] = QF[(row * (D / 32) + i) * 32 + lane];
@@ -181,8 +193,6 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
   #pragma unroll
   for (int c = 0; c < D / 16; ++c) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-  const int start = split * split_len, end = min(start + split_len, T);
-  Tile cur = load_tile(kr, skt, vr, svt, ks, sst, vs, svst, mask, smt, start, end, T, sink_lo, n_sinks, g, tq);
   for (int t0 = start; t0 < end; t0 += 16) {
     const Tile nxt = load_tile(kr, skt, vr, svt, ks, sst, vs, svst, mask, smt, t0 + 16, end, T, sink_lo, n_sinks,
                                g, tq);  // software pipelining by hand
@@ -398,7 +408,9 @@ def inputs_unsupported_reason(
 
 @triton.jit
 def _query_kernel(Q, sqb, sqh, KB16, KMEAN, QF, QP, qk_scale, key_h,
-                  G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()  # the history kernel may start loading records; it waits for QF and QP
     h = tl.program_id(0)
     b = tl.program_id(1)
     n_heads = tl.num_programs(0)
@@ -440,7 +452,7 @@ def query_fragments(query: torch.Tensor, tables: MmaTables, qk_scale: float) -> 
     qp = torch.empty(b * h, ROWS, 3, dtype=torch.float32, device=query.device)
     _query_kernel[(h, b)](
         query, query.stride(0), query.stride(1), tables.key_basis16, tables.key_mean, qf.view(torch.int8), qp,
-        qk_scale, tables.key_h, G=hq // h, D=d, RP=16, num_warps=4,
+        qk_scale, tables.key_h, G=hq // h, D=d, RP=16, PDL=_pdl(query.device), num_warps=4,
     )
     return qf, qp
 
@@ -510,13 +522,63 @@ def history_partials(
         mask_args = [m, 1, m.stride(0), m.stride(1)]
     else:
         mask_args = [ks, 0, 0, 0]
-    _history_kernel(d, tables.kbits, tables.vbits)(
-        grid=(math.ceil(n / WARPS), b * h, 1), block=(32 * WARPS, 1, 1),
-        args=[kw, *kw.stride()[:3], vw, *vw.stride()[:3], ks, *ks.stride(), vs, *vs.stride(), *mask_args,
-              kv.sink_pos.to(torch.int64), kv.sink_keys.shape[2] if kv.sink_keys is not None else 0,
-              qf, qp, po, pm, pl, h, tc, length, n, tables.value_offset2],
-    )
+    args = [kw, *kw.stride()[:3], vw, *vw.stride()[:3], ks, *ks.stride(), vs, *vs.stride(), *mask_args,
+            kv.sink_pos.to(torch.int64), kv.sink_keys.shape[2] if kv.sink_keys is not None else 0,
+            qf, qp, po, pm, pl, h, tc, length, n, tables.value_offset2]
+    launch(_history_kernel(d, tables.kbits, tables.vbits), (math.ceil(n / WARPS), b * h, 1), (32 * WARPS, 1, 1),
+           args, programmatic=_pdl(qf.device))
     return po, pm, pl, n
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """``CUlaunchAttribute`` with an int value (``id``, padding, a 64-byte value union)."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """``CUlaunchConfig``."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+@functools.cache
+def _driver():
+    """The CUDA driver library with ``cuLaunchKernelEx`` (CUDA >= 12), or None."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        return lib if hasattr(lib, "cuLaunchKernelEx") else None
+    except OSError:
+        return None
+
+
+def launch(kernel, grid: tuple, block: tuple, args: list, programmatic: bool) -> None:
+    """Launch an NVRTC kernel from ``torch.cuda._compile_kernel`` on the current stream; with
+    ``programmatic``, as a programmatic dependent launch (it may start while the previous kernel runs;
+    the kernel waits with ``griddepcontrol.wait``) through ``cuLaunchKernelEx``. Integer arguments are C
+    ints and tensors pointers, as torch's launcher passes them."""
+    lib = _driver() if programmatic else None
+    if lib is None:
+        kernel(grid=grid, block=block, args=args)
+        return
+    keep = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(k), ctypes.c_void_p) for k in keep])
+    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
+                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
+    err = lib.cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
+
+
+def _pdl(device: torch.device) -> bool:
+    """Programmatic dependent launches: Hopper and later, with Triton >= 3.4."""
+    return PDL_SUPPORTED and device.type == "cuda" and _capability(device)[0] >= 9
 
 
 def history_partials_reference(
@@ -713,7 +775,7 @@ def compressed_attention_mma(
     zl = torch.empty_like(zm)
     # Programmatic dependent launches (Hopper and later): the merge starts while the history kernel
     # runs and the finish kernel's exact tokens while the merge runs; each waits before reading.
-    pdl = PDL_SUPPORTED and query.is_cuda and _capability(query.device)[0] >= 9
+    pdl = _pdl(query.device)
     launch = {"launch_pdl": True} if pdl else {}
     _merge_kernel[(b * h, d // MERGE_DC)](
         po, pm, pl, z, zm, zl, n, D=d, DC=MERGE_DC, SB=max(1, min(MERGE_SPLITS, triton.next_power_of_2(max(n, 1)))),
