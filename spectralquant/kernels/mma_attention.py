@@ -270,17 +270,19 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
 }
 """
 
-_COMPILED: dict[tuple[int, int, int], object] = {}
+_COMPILED: dict[tuple[int, int, int, int], object] = {}
 
 
-def _history_kernel(d: int, kbits: int, vbits: int):
-    """The CUDA history kernel for head_dim ``d`` and key / value widths, compiled once per process."""
-    key = (d, kbits, vbits)
+def _history_kernel(d: int, kbits: int, vbits: int, device: torch.device):
+    """The CUDA history kernel for head_dim ``d`` and key / value widths, compiled once per process
+    and GPU (a compiled module belongs to the device it was loaded on)."""
+    key = (d, kbits, vbits, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _COMPILED:
         source = SOURCE
         for name, value in (("__D__", d), ("__KB__", kbits), ("__VB__", vbits), ("__WARPS__", WARPS)):
             source = source.replace(name, str(value))
-        _COMPILED[key] = torch.cuda._compile_kernel(source, "history_attention")
+        with torch.cuda.device(key[3]):
+            _COMPILED[key] = torch.cuda._compile_kernel(source, "history_attention")
     return _COMPILED[key]
 
 
@@ -525,8 +527,8 @@ def history_partials(
     args = [kw, *kw.stride()[:3], vw, *vw.stride()[:3], ks, *ks.stride(), vs, *vs.stride(), *mask_args,
             kv.sink_pos.to(torch.int64), kv.sink_keys.shape[2] if kv.sink_keys is not None else 0,
             qf, qp, po, pm, pl, h, tc, length, n, tables.value_offset2]
-    launch(_history_kernel(d, tables.kbits, tables.vbits), (math.ceil(n / WARPS), b * h, 1), (32 * WARPS, 1, 1),
-           args, programmatic=_pdl(qf.device))
+    launch(_history_kernel(d, tables.kbits, tables.vbits, qf.device), (math.ceil(n / WARPS), b * h, 1),
+           (32 * WARPS, 1, 1), args, qf.device, programmatic=_pdl(qf.device))
     return po, pm, pl, n
 
 
@@ -557,20 +559,21 @@ def _driver():
         return None
 
 
-def launch(kernel, grid: tuple, block: tuple, args: list, programmatic: bool) -> None:
-    """Launch an NVRTC kernel from ``torch.cuda._compile_kernel`` on the current stream; with
+def launch(kernel, grid: tuple, block: tuple, args: list, device: torch.device, programmatic: bool) -> None:
+    """Launch an NVRTC kernel from ``torch.cuda._compile_kernel`` on ``device``'s current stream; with
     ``programmatic``, as a programmatic dependent launch (it may start while the previous kernel runs;
     the kernel waits with ``griddepcontrol.wait``) through ``cuLaunchKernelEx``. Integer arguments are C
     ints and tensors pointers, as torch's launcher passes them."""
+    stream = torch.cuda.current_stream(device)
     lib = _driver() if programmatic else None
     if lib is None:
-        kernel(grid=grid, block=block, args=args)
+        kernel(grid=grid, block=block, args=args, stream=stream)
         return
     keep = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(k), ctypes.c_void_p) for k in keep])
     attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
-                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
+                           ctypes.c_void_p(stream.cuda_stream), ctypes.pointer(attr), 1)
     err = lib.cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
