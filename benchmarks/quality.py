@@ -110,7 +110,7 @@ ABLATIONS: dict[str, Ablation] = {
     # Diagnostics, not levers (they spend more bytes): which side limits passkey retrieval.
     "keys 8 bits (diagnostic)": Ablation(key_bits=8.0),
     "values 8 bits (diagnostic)": Ablation(value_bits=8.0),
-    # The codec the integer-key CUDA probe reads (benchmarks/cuda_probe_imma.py): every coordinate of a
+    # The codec the tensor-core kernel reads (spectralquant/kernels/mma_attention.py): every coordinate of a
     # head at the same width (2 or 4 bits), evenly spaced levels, every layer at the same budget.
     "fast kernel codec: keys 4 / values 4": Ablation(_FAST, key_bits=4.0, value_bits=4.0),
     "fast kernel codec: keys 4 / values 2": Ablation(_FAST, key_bits=4.0, value_bits=2.0),

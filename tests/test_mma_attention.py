@@ -144,8 +144,9 @@ def _llama(head_dim: int):
 
 
 def test_fast_preset_stores_records_in_fragment_order_and_generates():
-    import spectralquant as sq
     from spectralquant.adapters import find_adapter
+
+    import spectralquant as sq
 
     model = _llama(64)
     ids = torch.randint(2, 96, (2, 40), generator=torch.Generator().manual_seed(3))

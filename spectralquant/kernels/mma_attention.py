@@ -56,7 +56,7 @@ from .triton_attention import LOG2E, PDL_SUPPORTED, _softmax_step, _words
 ROWS = 4  # query rows per KV head (columns 0-3 of the integer product; 4-7 hold their low bytes)
 QMAX = 32639  # fixed-point query range: 256 * hi + lo with hi, lo signed bytes
 DIMS = (64, 128)
-WARPS = 1  # warps per block; each is one split (fastest on the H100: benchmarks/results/cuda_probe_imma.json)
+WARPS = 1  # warps per block; each is one split (fastest in the probe, benchmarks/results/cuda_probe_imma.json)
 # Splits: warps' worth per multiprocessor (half as many while the grid has fewer than 64 KV-head rows),
 # and at least MIN_SPLIT tokens each. H100, 4 / 4 bits (benchmarks/results/kernels_mma_tune.json):
 # 8 per SM is fastest at batch 1 (4k: 17.7 us, 32k: 30.5 us; 16 per SM: 18.6, 36.0), 16 at batch 8 / 32k
@@ -297,8 +297,8 @@ class MmaTables:
     def __init__(self, key: Quantizer, value: Quantizer):
         self.kbits, self.vbits = int(key.widths[0, 0]), int(value.widths[0, 0])
         self.key_basis16 = (key.basis * (key.level_scale * _step(key))[:, None, :]).half().contiguous()
-        self.value_basis16 = (value.basis * (value.level_scale * _step(value))[:, None, :]).transpose(1, 2)
-        self.value_basis16 = self.value_basis16.half().contiguous()
+        value_basis = value.basis * (value.level_scale * _step(value))[:, None, :]
+        self.value_basis16 = value_basis.transpose(1, 2).half().contiguous()
         self.key_mean, self.value_mean = key.mean.float().contiguous(), value.mean.float().contiguous()
         self.key_h = (2**self.kbits - 1) / 2
         # 1024 + 2**vbits as an fp16 pair (the history kernel's value offset), as a C int
@@ -523,7 +523,7 @@ def history_partials(
         m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
         mask_args = [m, 1, m.stride(0), m.stride(1)]
     else:
-        mask_args = [ks, 0, 0, 0]
+        mask_args = [ks, 0, 0, 0]  # any pointer: the kernel reads the mask only with has_mask
     args = [kw, *kw.stride()[:3], vw, *vw.stride()[:3], ks, *ks.stride(), vs, *vs.stride(), *mask_args,
             kv.sink_pos.to(torch.int64), kv.sink_keys.shape[2] if kv.sink_keys is not None else 0,
             qf, qp, po, pm, pl, h, tc, length, n, tables.value_offset2]
