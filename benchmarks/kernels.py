@@ -351,6 +351,39 @@ def tensor_core_tune(args, budget: int, log) -> list[dict]:
     return rows
 
 
+def host_overhead(log) -> dict:
+    """Host (Python) time per call of the decode attention, batch 1 / 4k, where the GPU finishes
+    first: the tensor-core path as a whole and its query and history steps, and the Triton path."""
+    from spectralquant.kernels import mma_attention
+
+    def per_call(fn, n: int = 200) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        spent = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return spent / n * 1e6
+
+    pair = fragment_pair(4, 4)
+    kv = random_compressed_kv(1, HKV, DIM, 4096 - WINDOW, WINDOW, SINKS, dtype=torch.bfloat16, device="cuda",
+                              encode=False, quantizers=pair)
+    q = query(1, 0)
+    tables = mma_attention.tables_of(kv.key_quantizer, kv.value_quantizer)
+    qf, qp = mma_attention.query_fragments(q, tables, 0.1)
+    out = {
+        "tensor-core path": per_call(lambda: compressed_attention_mma(q, kv)),
+        "  query kernel": per_call(lambda: mma_attention.query_fragments(q, tables, 0.1)),
+        "  history kernel (with its checks and buffers)": per_call(
+            lambda: mma_attention.history_partials(kv, None, qf, qp, tables)),
+        "Triton path": per_call(lambda: compressed_attention_triton(q, kv)),
+    }
+    for name, us in out.items():
+        log(f"  {name}: {us:.1f} us per call")
+    return out
+
+
 def format_row(row: dict) -> str:
     s, f = row.get("sdpa", {}), row.get("fused", {})
     head = f"{row['bits']:>4} {row['batch']:>5} {row['context']:>7}"
@@ -668,6 +701,7 @@ def main() -> None:
         ("tune", lambda: {b: tune(b, budget, log) for b in args.bits}),
         ("attention", lambda: attention_table(args, budget, copy_bw, log)),
         ("mma_tune", lambda: tensor_core_tune(args, budget, log)),
+        ("host", lambda: host_overhead(log)),
         ("mma", lambda: tensor_core_table(args, budget, copy_bw, log)),
         ("codebook", lambda: codebook_comparison(args, budget, log)),
         ("rope", lambda: rope_comparison(args, budget, log)),
