@@ -346,8 +346,6 @@ def quantizer_unsupported_reason(q: Quantizer, kind: str) -> str | None:
 
 
 def _quantizer_reason(q: Quantizer, kind: str) -> str | None:
-    if not isinstance(q, Quantizer):
-        return f"{type(q).__name__} is a baseline codec"
     if q.layout.fragments != kind:
         return f"the {kind} records are not in {kind} fragment order (QuantizerConfig.fragments={kind!r})"
     if q.dim not in DIMS:
