@@ -131,14 +131,15 @@ def quantizer_pair(bits: float, layout: str = "units inside words", value_config
     return tuple(pair)
 
 
-def query(batch: int, seed: int) -> torch.Tensor:
+def query(batch: int, seed: int, heads: int = HQ) -> torch.Tensor:
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(batch, HQ, 1, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    return torch.randn(batch, heads, 1, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
 
 
-def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=None, attend=None, **tuning) -> dict:
+def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=None, attend=None, heads: int = HQ,
+               **tuning) -> dict:
     """``rope``: a :class:`LinearRope` for keys stored before RoPE (None: after); ``attend``: the
-    attention function timed (default: the Triton kernel with ``tuning``)."""
+    attention function timed (default: the Triton kernel with ``tuning``); ``heads``: query heads."""
     attend = attend or (lambda q, kv: compressed_attention_triton(q, kv, **tuning))
     tc = context - WINDOW
     probe = random_compressed_kv(batch, HKV, DIM, tc, WINDOW, SINKS, dtype=torch.bfloat16, device="cuda",
@@ -154,7 +155,7 @@ def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=No
     ]
     for kv in kvs:
         kv.key_rope = rope
-    qs = [query(batch, i) for i in range(n)]
+    qs = [query(batch, i, heads) for i in range(n)]
     calls = [lambda q=q, kv=kv: attend(q, kv) for q, kv in zip(qs, kvs)]
     row = dict(sets=n, bytes=nbytes, graph_us=graph_time_us(calls), eager_us=eager_time_us(calls))
     if check:
@@ -164,7 +165,7 @@ def time_fused(pair, batch: int, context: int, budget: int, check: bool, rope=No
     return row
 
 
-def time_sdpa(batch: int, context: int, budget: int) -> dict:
+def time_sdpa(batch: int, context: int, budget: int, heads: int = HQ) -> dict:
     nbytes = 2 * batch * HKV * context * DIM * 2
     n = sets_for(nbytes, budget)
     if n < 1:
@@ -174,7 +175,7 @@ def time_sdpa(batch: int, context: int, budget: int) -> dict:
          torch.randn(batch, HKV, context, DIM, device="cuda", dtype=torch.bfloat16))
         for _ in range(n)
     ]
-    qs = [query(batch, i) for i in range(n)]
+    qs = [query(batch, i, heads) for i in range(n)]
     calls = [
         lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for q, (k, v) in zip(qs, kv)
     ]
@@ -297,18 +298,20 @@ def tensor_core_table(args, budget: int, copy_bw: float, log) -> list[dict]:
     and the Triton kernel on the same records in fragment order."""
     rows = []
     log(" k/v batch context    sdpa_us     mma_us speedup mmaTB/s  %copy mma_eagr  triton_us speedup   relerr")
-    for kbits, vbits in FRAGMENT_WIDTHS:
+    for kbits, vbits, heads in [(k, v, HQ) for k, v in FRAGMENT_WIDTHS] + [(4, 4, 2 * HQ)] * args.mma_gqa8:
         pair = fragment_pair(kbits, vbits)
+        if heads != HQ:
+            log(f"{heads} query heads (8 per KV head, as in Llama-3-70B):")
         for batch in args.batches:
             for context in args.contexts:
-                row = dict(key_bits=kbits, value_bits=vbits, batch=batch, context=context)
+                row = dict(key_bits=kbits, value_bits=vbits, query_heads=heads, batch=batch, context=context)
                 try:
-                    row["sdpa"] = time_sdpa(batch, context, budget)
+                    row["sdpa"] = time_sdpa(batch, context, budget, heads)
                     torch.cuda.empty_cache()
                     row["mma"] = time_fused(pair, batch, context, budget, batch * context <= 8 * 32768,
-                                            attend=compressed_attention_mma)
+                                            attend=compressed_attention_mma, heads=heads)
                     torch.cuda.empty_cache()
-                    row["triton"] = time_fused(pair, batch, context, budget, False)
+                    row["triton"] = time_fused(pair, batch, context, budget, False, heads=heads)
                 except torch.OutOfMemoryError as exc:
                     row["skipped"] = f"out of memory: {exc}".split("\n")[0]
                 torch.cuda.empty_cache()
@@ -664,6 +667,8 @@ def main() -> None:
     )
     parser.add_argument("--value-min-bits", type=int, default=0,
                         help="fewest bits per value coordinate in the attention section (keys: 0)")
+    parser.add_argument("--mma-gqa8", type=int, default=1, choices=(0, 1),
+                        help="the mma section also times 4/4 bits with 64 query heads (8 per KV head)")
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--e2e-presets", nargs="+", default=["standard", "high", "max", "fast"],
                         help="presets the e2e section runs (after FP16)")

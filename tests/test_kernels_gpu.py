@@ -305,7 +305,8 @@ def fragment_case(dim, bits, groups=4, seed=0, **kwargs):
 
 
 @pytest.mark.parametrize("dim,bits", FRAGMENT_CASES, ids=str)
-def test_tensor_core_history_kernel_matches_its_reference(dim, bits):
+@pytest.mark.parametrize("groups", [4, 8])
+def test_tensor_core_history_kernel_matches_its_reference(dim, bits, groups):
     from spectralquant.kernels.mma_attention import (
         history_partials,
         history_partials_reference,
@@ -315,7 +316,7 @@ def test_tensor_core_history_kernel_matches_its_reference(dim, bits):
         tables_of,
     )
 
-    q, kv, mask = fragment_case(dim, bits, seed=dim + bits[0], compressed=2999)
+    q, kv, mask = fragment_case(dim, bits, groups=groups, seed=dim + bits[0], compressed=2999)
     tables = tables_of(kv.key_quantizer, kv.value_quantizer)
     qf, qp = query_fragments(q, tables, dim**-0.5 * 1.4426950408889634)
     _, _, qi = query_fragments_reference(q, tables, dim**-0.5 * 1.4426950408889634)
@@ -334,7 +335,7 @@ def test_tensor_core_history_kernel_matches_its_reference(dim, bits):
 
 
 @pytest.mark.parametrize("dim,bits", FRAGMENT_CASES, ids=str)
-@pytest.mark.parametrize("groups", [1, 3, 4])
+@pytest.mark.parametrize("groups", [1, 3, 4, 6, 8])
 def test_tensor_core_attention_matches_the_reference_on_ragged_batches(dim, bits, groups):
     from spectralquant.kernels import compressed_attention, compressed_attention_reference
     from spectralquant.kernels.mma_attention import mma_unsupported_reason

@@ -82,7 +82,7 @@ def test_fragment_order_needs_equal_widths_of_2_or_4_bits():
         RecordLayout(torch.tensor([[4] * 63 + [0]]), fragments="keys")
 
 
-@pytest.mark.parametrize("dim,g", [(64, 3), (128, 4), (128, 1)])
+@pytest.mark.parametrize("dim,g", [(64, 3), (128, 4), (128, 1), (64, 6), (128, 8)])
 def test_query_kernel_matches_its_reference(dim, g):
     kv = fragment_kv(2, 2, dim, 16)
     tables = tables_of(kv.key_quantizer, kv.value_quantizer)
@@ -90,16 +90,21 @@ def test_query_kernel_matches_its_reference(dim, g):
     qf, qp = query_fragments(query, tables, 0.125 * 1.4427)
     rf, rp, qi = query_fragments_reference(query, tables, 0.125 * 1.4427)
     torch.testing.assert_close(qp, rp, rtol=1e-4, atol=1e-6)
-    got = qf.view(torch.int8).reshape(-1, dim // 32, 32, 2, 4).to(torch.int32)
-    want = rf.view(torch.int8).reshape(-1, dim // 32, 32, 2, 4).to(torch.int32)
-    hi, lo = 256 * got[:, :, :16] + got[:, :, 16:], 256 * want[:, :, :16] + want[:, :, 16:]
-    assert (hi - lo).abs().max() <= 1  # the fixed-point query, up to a rounding tie
+    got = qf.view(torch.int8).reshape(-1, dim // 32, qf.shape[2], 32, 2, 4).to(torch.int32)
+    want = rf.view(torch.int8).reshape(-1, dim // 32, rf.shape[2], 32, 2, 4).to(torch.int32)
+    def fixed_point(frag):  # [BH, groups, operands, lanes, b0/b1, bytes]: 256 * high byte + low byte, in place
+        hi, lo = (frag[:, :, 0, :16], frag[:, :, 0, 16:]) if g <= 4 else (frag[:, :, 0], frag[:, :, 1])
+        return 256 * hi + lo
+
+    assert (fixed_point(got) - fixed_point(want)).abs().max() <= 1  # the same query, up to a rounding tie
+    assert qi.shape[1] == (4 if g <= 4 else 8)
     assert int(qi.abs().max()) == QMAX and (qi[:, g:] == 0).all()  # each row uses the full range; padding is 0
 
 
 @pytest.mark.parametrize(
     "dim,kbits,vbits,g,compressed",
-    [(64, 4, 4, 3, 200), (128, 4, 2, 4, 150), (128, 2, 2, 1, 97), (128, 4, 4, 2, 0)],
+    [(64, 4, 4, 3, 200), (128, 4, 2, 4, 150), (128, 2, 2, 1, 97), (128, 4, 4, 2, 0), (64, 4, 4, 6, 120),
+     (128, 2, 4, 8, 90)],
 )
 def test_whole_call_with_the_history_reference_matches_the_attention_reference(dim, kbits, vbits, g, compressed):
     kv = fragment_kv(2, 2, dim, compressed, kbits, vbits, seed=dim + kbits)
@@ -125,7 +130,8 @@ def test_where_the_tensor_core_kernel_applies():
     assert inputs_unsupported_reason(q, kv) is None
     assert "CUDA" in mma_unsupported_reason(q, kv)
     assert "query tokens" in inputs_unsupported_reason(torch.randn(1, 8, 2, 128), kv)
-    assert "at most 4" in inputs_unsupported_reason(torch.randn(1, 10, 1, 128), kv)
+    assert inputs_unsupported_reason(torch.randn(1, 16, 1, 128), kv) is None  # 8 per KV head: two products
+    assert "at most 8" in inputs_unsupported_reason(torch.randn(1, 18, 1, 128), kv)
     assert "soft-capped" in inputs_unsupported_reason(q, kv, softcap=30.0)
     quintic = random_compressed_kv(1, 2, 128, 32, 8, quantizers=(
         random_quantizer(2, 128, 4, allocation="uniform", fragments="keys"),

@@ -9,14 +9,15 @@ are in fragment order (``QuantizerConfig.fragments``; :func:`spectralquant.packi
 Then no code needs level arithmetic: keys enter an integer product as the unsigned bytes they are,
 and values need one ``lop3`` and one exact fp16 subtraction per two codes.
 
-1. ``_query_kernel`` (Triton), grid ``(H, B)``: rotates the ``G <= 4`` query rows of a KV head into
+1. ``_query_kernel`` (Triton), grid ``(H, B)``: rotates the ``G <= 8`` query rows of a KV head into
    the key basis with the decode scales folded in (``q_s = q (basis * level_scale * A) * qk_scale``,
    log2 units), writes them as 16-bit fixed point split into a high and a low signed byte, laid out
-   as the B fragments of ``mma.m16n8k32`` (columns 0-3: high bytes of rows 0-3; 4-7: low bytes),
-   and per row the fixed-point step, ``step * h * sum(q_int)`` and ``q . mean``.
+   as the B fragments of ``mma.m16n8k32`` (up to 4 rows: columns 0-3 high bytes, 4-7 low bytes, one
+   product; 5-8 rows: one product of high bytes and one of low bytes), and per row the fixed-point
+   step, ``step * h * sum(q_int)`` and ``q . mean``.
 2. ``history_attention`` (CUDA C++, compiled at run time by NVRTC), grid ``(splits, B * H)``, one
    warp per split: for 16 tokens at a time, keys are the rows of the integer product (scores of
-   both query pieces at once, joined by one shuffle), then an online softmax over the split
+   both query pieces joined by one shuffle, or from the two products), then an online softmax over the split
    (rescaled only when a row maximum grows), and ``O^T += V^T P^T`` on fp16 tensor cores with the
    output coordinates as rows (``P^T`` by two ``movmatrix`` transposes of the score fragment).
    Writes normalized partials in the value basis, in units of the value levels' step. Sink
@@ -31,7 +32,7 @@ On Hopper, 2-4 are programmatic dependent launches (2 through ``cuLaunchKernelEx
 while the previous kernel runs, does what does not depend on it (the history kernel loads its first
 records, the finish kernel runs the exact tokens) and then waits for it.
 
-Limits (the dispatcher uses the other kernels outside them): one query token, at most 4 query
+Limits (the dispatcher uses the other kernels outside them): one query token, at most 8 query
 heads per KV head, head_dim 64 or 128, 8-bit log scales, keys stored after RoPE, no soft-capping;
 a CUDA GPU of compute capability >= 8.0 and ``torch.cuda._compile_kernel``.
 """
@@ -54,7 +55,8 @@ from ..packing import FRAGMENT_BITS
 from ..quantizer import Quantizer, decode_scale
 from .triton_attention import LOG2E, PDL_SUPPORTED, _softmax_step, _words
 
-ROWS = 4  # query rows per KV head (columns 0-3 of the integer product; 4-7 hold their low bytes)
+MAX_ROWS = 8  # query rows per KV head: up to 4 share one integer product (columns 4-7 hold their low
+# bytes); 5-8 take two (high bytes, then low bytes, in all 8 columns)
 QMAX = 32639  # fixed-point query range: 256 * hi + lo with hi, lo signed bytes
 DIMS = (64, 128)
 WARPS = 1  # warps per block; each is one split (fastest in the probe, benchmarks/results/cuda_probe_imma.json)
@@ -70,6 +72,7 @@ MERGE_SPLITS = 32  # split partials a merge program loads at a time
 
 SOURCE = r"""
 #define D __D__
+#define R __R__              // query rows per KV head the kernel computes: 4 or 8
 #define KB __KB__
 #define VB __VB__
 #define KW (D * KB / 128)    // key words per lane (lane % 4 picks which)
@@ -147,9 +150,9 @@ __device__ __forceinline__ Tile load_tile(
 
 // Grid (ceil(splits / WARPS), B * H); warp w of block x handles split x * WARPS + w of row y = b * H + h.
 // KR, VR: records as 32-bit words [B, H, T, R / 4] (strides in words); KS, VS: uint8 log scales [B, H, T].
-// MASK: uint8 [B, T] (strides b, t), read if has_mask. QF [B * H, D / 32, 32] uint2, QP [B * H, 4, 3].
+// MASK: uint8 [B, T] (strides b, t), read if has_mask. QF [B * H, D / 32, R / 4, 32] uint2, QP [B * H, R, 3].
 // Integer arguments are C ints: torch's launcher passes Python ints so.
-// PO [B * H, S, 4, D], PM / PL [B * H, S, 4]: normalized partials in the value basis (units of the step).
+// PO [B * H, S, R, D], PM / PL [B * H, S, R]: normalized partials in the value basis (units of the step).
 extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
     const unsigned* __restrict__ KR, int skb, int skh, int skt,
     const unsigned* __restrict__ VR, int svb, int svh, int svt,
@@ -173,7 +176,8 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
   const unsigned char* vs = VS + b * svsb + h * svsh;
   const unsigned char* mask = has_mask ? MASK + b * smb : nullptr;
   const long sink_lo = SPOS[b];
-  const bool live = tq < 2;  // lanes whose score columns are query rows 2 tq, 2 tq + 1 (high pieces)
+  // Lanes whose score columns are query rows 2 tq, 2 tq + 1 (with 4 rows, columns 4-7 are their low pieces).
+  const bool live = R == 8 || tq < 2;
   const int start = split * split_len, end = min(start + split_len, T);
   Tile cur = load_tile(kr, skt, vr, svt, ks, sst, vs, svst, mask, smt, start, end, T, sink_lo, n_sinks, g, tq);
 #if __CUDA_ARCH__ >= 900
@@ -181,13 +185,16 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
   // on their way; wait for the query fragments. A no-op for a plain launch.
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-  uint2 qf[D / 32];
+  uint2 qf[D / 32], ql[R == 8 ? D / 32 : 1];  // high pieces (and low pieces with 4 rows); low pieces with 8
   #pragma unroll
-  for (int i = 0; i < D / 32; ++i) qf[i] = QF[(row * (D / 32) + i) * 32 + lane];
+  for (int i = 0; i < D / 32; ++i) {
+    qf[i] = QF[((row * (D / 32) + i) * (R / 4)) * 32 + lane];
+    if constexpr (R == 8) ql[i] = QF[((row * (D / 32) + i) * 2 + 1) * 32 + lane];
+  }
   float qstep[2], qh[2], qm[2];
   #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    const float* p = QP + (row * 4 + (live ? 2 * tq + e : 0)) * 3;
+    const float* p = QP + (row * R + (live ? 2 * tq + e : 0)) * 3;
     qstep[e] = p[0]; qh[e] = p[1]; qm[e] = p[2];
   }
   float o[D / 16][4];
@@ -197,17 +204,22 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
   for (int t0 = start; t0 < end; t0 += 16) {
     const Tile nxt = load_tile(kr, skt, vr, svt, ks, sst, vs, svst, mask, smt, t0 + 16, end, T, sink_lo, n_sinks,
                                g, tq);  // software pipelining by hand
-    int acc[2][4] = {};  // two accumulators halve the chain of dependent products
+    int acc[2][4] = {}, accl[2][4] = {};  // two accumulators each halve the chain of dependent products
     #pragma unroll
-    for (int i = 0; i < D / 32; ++i)
-      imma(acc[i & 1], key_reg(cur.ka, 2 * i), key_reg(cur.kb, 2 * i), key_reg(cur.ka, 2 * i + 1),
-           key_reg(cur.kb, 2 * i + 1), qf[i]);
+    for (int i = 0; i < D / 32; ++i) {
+      const unsigned a0 = key_reg(cur.ka, 2 * i), a1 = key_reg(cur.kb, 2 * i);
+      const unsigned a2 = key_reg(cur.ka, 2 * i + 1), a3 = key_reg(cur.kb, 2 * i + 1);
+      imma(acc[i & 1], a0, a1, a2, a3, qf[i]);
+      if constexpr (R == 8) imma(accl[i & 1], a0, a1, a2, a3, ql[i]);
+    }
     float sc[4];
     const float ksa = scale_of(cur.ks0), ksb = scale_of(cur.ks1);
     #pragma unroll
     for (int e = 0; e < 4; ++e) {  // e: (token g | g + 8) x (row 2 tq | 2 tq + 1)
       const int hi = acc[0][e] + acc[1][e];
-      const int lo = __shfl_xor_sync(FULL, hi, 2);  // the low piece, two lanes over
+      int lo;
+      if constexpr (R == 8) lo = accl[0][e] + accl[1][e];
+      else lo = __shfl_xor_sync(FULL, hi, 2);  // the low piece, two lanes over
       const bool ok = live && (e < 2 ? cur.oka : cur.okb);
       sc[e] = ok ? (e < 2 ? ksa : ksb) * (qstep[e & 1] * (float)(256 * hi + lo) - qh[e & 1]) + qm[e & 1] : NEG_INF;
     }
@@ -258,7 +270,7 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
   if (live) {
     #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const long part = (row * n_splits + split) * 4 + 2 * tq + e;
+      const long part = (row * n_splits + split) * R + 2 * tq + e;
       const float inv = l[e] > 0.f ? 0.5f / l[e] : 0.f;  // the values were 2 (c - h)
       #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
@@ -271,18 +283,18 @@ extern "C" __global__ void __launch_bounds__(32 * __WARPS__) history_attention(
 }
 """
 
-_COMPILED: dict[tuple[int, int, int, int], object] = {}
+_COMPILED: dict[tuple[int, ...], object] = {}
 
 
-def _history_kernel(d: int, kbits: int, vbits: int, device: torch.device):
-    """The CUDA history kernel for head_dim ``d`` and key / value widths, compiled once per process
-    and GPU (a compiled module belongs to the device it was loaded on)."""
-    key = (d, kbits, vbits, device.index if device.index is not None else torch.cuda.current_device())
+def _history_kernel(d: int, rows: int, kbits: int, vbits: int, device: torch.device):
+    """The CUDA history kernel for head_dim ``d``, ``rows`` query rows and key / value widths,
+    compiled once per process and GPU (a compiled module belongs to the device it was loaded on)."""
+    key = (d, rows, kbits, vbits, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _COMPILED:
         source = SOURCE
-        for name, value in (("__D__", d), ("__KB__", kbits), ("__VB__", vbits), ("__WARPS__", WARPS)):
+        for name, value in (("__D__", d), ("__R__", rows), ("__KB__", kbits), ("__VB__", vbits), ("__WARPS__", WARPS)):
             source = source.replace(name, str(value))
-        with torch.cuda.device(key[3]):
+        with torch.cuda.device(key[-1]):
             _COMPILED[key] = torch.cuda._compile_kernel(source, "history_attention")
     return _COMPILED[key]
 
@@ -389,8 +401,8 @@ def inputs_unsupported_reason(
     h = kv.key_quantizer.heads
     if lq != 1:
         return f"{lq} query tokens (the kernel takes one)"
-    if hq % h or hq // h > ROWS:
-        return f"{hq} query heads over {h} KV heads (the kernel takes at most {ROWS} per KV head)"
+    if hq % h or hq // h > MAX_ROWS:
+        return f"{hq} query heads over {h} KV heads (the kernel takes at most {MAX_ROWS} per KV head)"
     if d != kv.key_quantizer.dim or d != kv.value_quantizer.dim:
         return "query, key and value head dims differ"
     if kv.key_rope is not None:
@@ -407,9 +419,14 @@ def inputs_unsupported_reason(
 # -------------------------------------------------------------------------------- query kernel
 
 
+def rows_for(groups: int) -> int:
+    """Query rows per KV head the kernels compute for ``groups`` query heads per KV head: 4 or 8."""
+    return 4 if groups <= 4 else 8
+
+
 @triton.jit
 def _query_kernel(Q, sqb, sqh, KB16, KMEAN, QF, QP, qk_scale, key_h,
-                  G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, PDL: tl.constexpr):
+                  G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()  # the history kernel may start loading records; it waits for QF and QP
     h = tl.program_id(0)
@@ -428,62 +445,68 @@ def _query_kernel(Q, sqb, sqh, KB16, KMEAN, QF, QP, qk_scale, key_h,
     qi = tl.minimum(tl.maximum(tl.floor(qs / step[:, None] + 0.5), -32639.0), 32639.0)
     hi = tl.floor((qi + 128.0) / 256.0)
     lo = qi - 256.0 * hi
-    # Byte of coordinate c for column n: B fragment of k-group c // 32, lane 4 n + (c % 16) // 4,
-    # register (c % 32) // 16, byte c % 4.
-    base = ((d // 32) * 32 * 2 + ((d % 32) // 16)) * 4 + d % 4
+    # Byte of coordinate c for column n of B operand s: fragment set (c // 32) * R / 4 + s, lane
+    # 4 n + (c % 16) // 4, register (c % 32) // 16, byte c % 4. With 4 rows the low bytes are columns
+    # 4-7 of set 0; with 8, set 1.
+    base = ((d // 32) * (R // 4) * 32 * 2 + ((d % 32) // 16)) * 4 + d % 4
     lane = 4 * r[:, None] + ((d % 16) // 4)[None, :]
-    out = QF + (b * n_heads + h).to(tl.int64) * (8 * D)
-    keep = (r < 4)[:, None]
+    out = QF + (b * n_heads + h).to(tl.int64) * (2 * R * D)
+    keep = (r < R)[:, None]
     tl.store(out + base[None, :] + lane * 8, hi.to(tl.int8), mask=keep)
-    tl.store(out + base[None, :] + (lane + 16) * 8, lo.to(tl.int8), mask=keep)
-    qp = QP + ((b * n_heads + h).to(tl.int64) * 4 + r) * 3
-    tl.store(qp, step, mask=r < 4)
-    tl.store(qp + 1, key_h * step * tl.sum(qi, 1), mask=r < 4)
-    tl.store(qp + 2, qm, mask=r < 4)
+    tl.store(out + base[None, :] + (lane + 16 * (R // 4)) * 8, lo.to(tl.int8), mask=keep)
+    qp = QP + ((b * n_heads + h).to(tl.int64) * R + r) * 3
+    tl.store(qp, step, mask=r < R)
+    tl.store(qp + 1, key_h * step * tl.sum(qi, 1), mask=r < R)
+    tl.store(qp + 2, qm, mask=r < R)
 
 
 def query_fragments(query: torch.Tensor, tables: MmaTables, qk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(QF [B * H, D / 32, 32, 2] int32, QP [B * H, 4, 3] float32)`` for ``query [B, Hq, 1, D]``
-    (contract: :func:`query_fragments_reference`)."""
+    """``(QF [B * H, D / 32, R / 4, 32, 2] int32, QP [B * H, R, 3] float32)`` for ``query [B, Hq, 1, D]``,
+    ``R = rows_for(Hq / H)`` (contract: :func:`query_fragments_reference`)."""
     b, hq, _, d = query.shape
     h = tables.key_basis16.shape[0]
+    rows = rows_for(hq // h)
     if query.stride(-1) != 1:
         query = query.contiguous()
-    qf = torch.empty(b * h, d // 32, 32, 2, dtype=torch.int32, device=query.device)
-    qp = torch.empty(b * h, ROWS, 3, dtype=torch.float32, device=query.device)
+    qf = torch.empty(b * h, d // 32, rows // 4, 32, 2, dtype=torch.int32, device=query.device)
+    qp = torch.empty(b * h, rows, 3, dtype=torch.float32, device=query.device)
     _query_kernel[(h, b)](
         query, query.stride(0), query.stride(1), tables.key_basis16, tables.key_mean, qf.view(torch.int8), qp,
-        qk_scale, tables.key_h, G=hq // h, D=d, RP=16, PDL=_pdl(query.device), num_warps=4,
+        qk_scale, tables.key_h, G=hq // h, R=rows, D=d, RP=16, PDL=_pdl(query.device), num_warps=4,
     )
     return qf, qp
 
 
 def query_fragments_reference(
     query: torch.Tensor, tables: MmaTables, qk_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch spec of :func:`query_fragments`: also returns the fixed-point query ``[B * H, 4, D]``
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch spec of :func:`query_fragments`: also returns the fixed-point query ``[B * H, R, D]``
     (int32) as the third element, which the history reference reads."""
     b, hq, _, d = query.shape
     h = tables.key_basis16.shape[0]
     g = hq // h
+    rows = rows_for(g)
     q = torch.zeros(b, h, 16, d, dtype=torch.float32, device=query.device)
     q[:, :, :g] = query[:, :, 0].float().reshape(b, h, g, d)
     qs = torch.einsum("bhrd,hde->bhre", q.half().float(), tables.key_basis16.float()) * qk_scale
     qm = torch.einsum("bhrd,hd->bhr", q, tables.key_mean) * qk_scale
     amax = qs.abs().amax(-1)
     step = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    qi = torch.floor(qs / step[..., None] + 0.5).clamp(-QMAX, QMAX)[:, :, :ROWS]
+    qi = torch.floor(qs / step[..., None] + 0.5).clamp(-QMAX, QMAX)[:, :, :rows]
     hi = torch.floor((qi + 128) / 256)
     lo = qi - 256 * hi
-    columns = torch.cat([hi, lo], 2).reshape(b * h, 8, d)  # the 8 columns of the B operand
+    # The 8 columns of each B operand: (high bytes of rows 0-3, low bytes of rows 0-3), or with 8 rows
+    # (high bytes of rows 0-7) then (low bytes of rows 0-7).
+    operands = torch.cat([hi, lo], 2).reshape(b * h, rows // 4, 8, d)
     c = torch.arange(d, device=query.device)
-    frag = torch.empty(b * h, d // 32, 32, 2, 4, dtype=torch.int8, device=query.device)
-    for n in range(8):
-        frag[:, c // 32, 4 * n + (c % 16) // 4, (c % 32) // 16, c % 4] = columns[:, n].to(torch.int8)
-    step = step[:, :, :ROWS].reshape(b * h, ROWS)
-    qi = qi.reshape(b * h, ROWS, d)
-    qp = torch.stack([step, tables.key_h * step * qi.sum(-1), qm[:, :, :ROWS].reshape(b * h, ROWS)], -1)
-    return frag.view(torch.int32).reshape(b * h, d // 32, 32, 2), qp, qi.to(torch.int32)
+    frag = torch.empty(b * h, d // 32, rows // 4, 32, 2, 4, dtype=torch.int8, device=query.device)
+    for s in range(rows // 4):
+        for n in range(8):
+            frag[:, c // 32, s, 4 * n + (c % 16) // 4, (c % 32) // 16, c % 4] = operands[:, s, n].to(torch.int8)
+    step = step[:, :, :rows].reshape(b * h, rows)
+    qi = qi.reshape(b * h, rows, d)
+    qp = torch.stack([step, tables.key_h * step * qi.sum(-1), qm[:, :, :rows].reshape(b * h, rows)], -1)
+    return frag.view(torch.int32).reshape(b * h, d // 32, rows // 4, 32, 2), qp, qi.to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- history partials
@@ -505,13 +528,14 @@ def splits_of(n_compressed: int, rows: int, device: torch.device) -> tuple[int, 
 def history_partials(
     kv: CompressedKV, mask: torch.Tensor | None, qf: torch.Tensor, qp: torch.Tensor, tables: MmaTables
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``(PO [B * H, S, 4, D], PM, PL [B * H, S, 4], S)`` by the CUDA kernel (contract:
-    :func:`history_partials_reference`)."""
+    """``(PO [B * H, S, R, D], PM, PL [B * H, S, R], S)`` by the CUDA kernel, ``R`` the query rows of
+    ``qp`` (contract: :func:`history_partials_reference`)."""
     b, h, tc, _ = kv.key.records.shape
     d = kv.key_quantizer.dim
+    rows = qp.shape[1]
     n, length = splits_of(tc, b * h, qf.device)
-    po = torch.empty(b * h, n, ROWS, d, dtype=torch.float32, device=qf.device)
-    pm = torch.empty(b * h, n, ROWS, dtype=torch.float32, device=qf.device)
+    po = torch.empty(b * h, n, rows, d, dtype=torch.float32, device=qf.device)
+    pm = torch.empty(b * h, n, rows, dtype=torch.float32, device=qf.device)
     pl = torch.empty_like(pm)
     if n == 0:
         return po, pm, pl, n
@@ -526,7 +550,7 @@ def history_partials(
     args = [kw, *kw.stride()[:3], vw, *vw.stride()[:3], ks, *ks.stride(), vs, *vs.stride(), *mask_args,
             kv.sink_pos.to(torch.int64), kv.sink_keys.shape[2] if kv.sink_keys is not None else 0,
             qf, qp, po, pm, pl, h, tc, length, n, tables.value_offset2]
-    launch(_history_kernel(d, tables.kbits, tables.vbits, qf.device), (math.ceil(n / WARPS), b * h, 1),
+    launch(_history_kernel(d, rows, tables.kbits, tables.vbits, qf.device), (math.ceil(n / WARPS), b * h, 1),
            (32 * WARPS, 1, 1), args, qf.device, programmatic=_pdl(qf.device))
     return po, pm, pl, n
 
@@ -607,12 +631,13 @@ def history_partials_reference(
     length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch spec of the history kernel over ``n`` splits of ``length`` tokens, from the fixed-point
-    query ``qi [B * H, 4, D]``: per split and row the max ``PM`` and sum ``PL`` of ``p = 2**(s - PM)``
+    query ``qi [B * H, R, D]``: per split and row the max ``PM`` and sum ``PL`` of ``p = 2**(s - PM)``
     over its tokens (sinks and masked tokens excluded), ``s = scale * (step * qi . c - qp[1]) +
     qp[2]``, and ``PO = sum p vscale (c_v - h_v) / PL``."""
     b, h, tc, _ = kv.key.records.shape
+    rows = qi.shape[1]
     if n == 0:
-        empty = torch.zeros(b * h, 0, ROWS, device=qi.device)
+        empty = torch.zeros(b * h, 0, rows, device=qi.device)
         return empty[..., None].expand(-1, -1, -1, qi.shape[-1]), empty, empty
 
     def codes(q: Quantizer, records: torch.Tensor) -> torch.Tensor:  # [B, H, T, D]
@@ -621,8 +646,8 @@ def history_partials_reference(
     kc = codes(kv.key_quantizer, kv.key.records)
     vc = codes(kv.value_quantizer, kv.value.records) - (2**tables.vbits - 1) / 2
     ks, vs = decode_scale(kv.key.scales).double(), decode_scale(kv.value.scales).double()
-    qpd = qp.double().reshape(b, h, ROWS, 3)
-    s = torch.einsum("bhrd,bhtd->bhrt", qi.double().reshape(b, h, ROWS, -1) * qpd[..., :1], kc)
+    qpd = qp.double().reshape(b, h, rows, 3)
+    s = torch.einsum("bhrd,bhtd->bhrt", qi.double().reshape(b, h, rows, -1) * qpd[..., :1], kc)
     s = ks[:, :, None] * (s - qpd[..., 1:2]) + qpd[..., 2:3]
     t = torch.arange(tc, device=s.device)
     n_sinks = kv.sink_keys.shape[2] if kv.sink_keys is not None else 0
@@ -631,15 +656,15 @@ def history_partials_reference(
         ok = ok & mask[:, 0, :tc]
     s = s.masked_fill(~ok[:, None, None], -math.inf)
     pad = n * length - tc
-    s = torch.nn.functional.pad(s, (0, pad), value=-math.inf).reshape(b, h, ROWS, n, length)
+    s = torch.nn.functional.pad(s, (0, pad), value=-math.inf).reshape(b, h, rows, n, length)
     pm = s.amax(-1)
     p = torch.exp2(s - torch.where(pm == -math.inf, 0.0, pm)[..., None])
     pl = p.sum(-1)
-    pv = torch.nn.functional.pad(p.reshape(b, h, ROWS, -1)[..., :tc] * vs[:, :, None], (0, pad))
-    po = torch.einsum("bhrst,bhstd->bhrsd", pv.reshape(b, h, ROWS, n, length),
+    pv = torch.nn.functional.pad(p.reshape(b, h, rows, -1)[..., :tc] * vs[:, :, None], (0, pad))
+    po = torch.einsum("bhrst,bhstd->bhrsd", pv.reshape(b, h, rows, n, length),
                       torch.nn.functional.pad(vc, (0, 0, 0, pad)).reshape(b, h, n, length, -1))
     po = po / torch.where(pl > 0, pl, 1.0)[..., None]
-    flat = (b * h, n, ROWS)
+    flat = (b * h, n, rows)
     return tuple(x.float().contiguous() for x in (po.permute(0, 1, 3, 2, 4).reshape(*flat, -1),
                                                  pm.transpose(2, 3).reshape(flat), pl.transpose(2, 3).reshape(flat)))
 
@@ -648,23 +673,23 @@ def history_partials_reference(
 
 
 @triton.jit
-def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, D: tl.constexpr, DC: tl.constexpr, SB: tl.constexpr,
-                  PDL: tl.constexpr):
+def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+                  SB: tl.constexpr, PDL: tl.constexpr):
     """Program ``(bh, c)``: the split partials of one KV head merged for output coordinates
-    ``[c DC, (c + 1) DC)`` of its 4 rows (one online pass, SB splits at a time)."""
+    ``[c DC, (c + 1) DC)`` of its R rows (one online pass, SB splits at a time)."""
     if PDL:
         gdc_launch_dependents()  # the finish kernel may start its exact tokens now
         gdc_wait()  # launched while the history kernel runs: wait for its partials
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * DC + tl.arange(0, DC)
-    r = tl.arange(0, 4)
-    m_run = tl.full((4,), float("-inf"), tl.float32)
-    l_run = tl.zeros((4,), tl.float32)
-    z = tl.zeros((4, DC), tl.float32)
+    r = tl.arange(0, R)
+    m_run = tl.full((R,), float("-inf"), tl.float32)
+    l_run = tl.zeros((R,), tl.float32)
+    z = tl.zeros((R, DC), tl.float32)
     for k0 in range(0, n_splits, SB):
         k = k0 + tl.arange(0, SB)
         ok = (k < n_splits)[:, None]
-        rows = (bh * n_splits + k)[:, None] * 4 + r[None, :]
+        rows = (bh * n_splits + k)[:, None] * R + r[None, :]
         pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
         pl = tl.load(PL + rows, mask=ok, other=0.0)
         po = tl.load(PO + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
@@ -675,10 +700,10 @@ def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, D: tl.constexpr, DC: tl.const
         l_run = l_run * alpha + tl.sum(w, 0)
         z = z * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
         m_run = m_new
-    tl.store(Z + (bh * 4 + r)[:, None] * D + c[None, :], z / tl.where(l_run > 0, l_run, 1.0)[:, None])
+    tl.store(Z + (bh * R + r)[:, None] * D + c[None, :], z / tl.where(l_run > 0, l_run, 1.0)[:, None])
     if tl.program_id(1) == 0:
-        tl.store(ZM + bh * 4 + r, m_run)
-        tl.store(ZL + bh * 4 + r, l_run)
+        tl.store(ZM + bh * R + r, m_run)
+        tl.store(ZL + bh * R + r, l_run)
 
 
 @triton.jit
@@ -687,8 +712,8 @@ def _finish_kernel(
     WK, swkb, swkh, swkt, WV, swvb, swvh, swvt, n_window,
     SK, sskb, sskh, sskt, SV, ssvb, ssvh, ssvt, n_sinks, SPOS, n_compressed,
     MASK, smb, smt, O, sob, soh, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr,
-    PDL: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, BW: tl.constexpr,
+    HAS_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program ``(h, b)``: the exact tokens in the natural basis (while the merge may still run), the
     merged history rotated back once, and one softmax over both."""
@@ -736,9 +761,9 @@ def _finish_kernel(
     mean = tl.load(VMEAN + h * D + d)
     if PDL:
         gdc_wait()  # launched while the merge runs: wait for its results
-    z = tl.load(Z + (bh * 4 + r)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    m_h = tl.load(ZM + bh * 4 + r, mask=row_ok, other=float("-inf"))
-    l_h = tl.load(ZL + bh * 4 + r, mask=row_ok, other=0.0)
+    z = tl.load(Z + (bh * R + r)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_h = tl.load(ZM + bh * R + r, mask=row_ok, other=float("-inf"))
+    l_h = tl.load(ZL + bh * R + r, mask=row_ok, other=0.0)
     x_h = tl.dot(z.to(tl.float16), basis) + mean[None, :]
     # 3. One softmax over both (acc is not normalized: its weight is exp2(m_e - m), its mass l_e).
     m = tl.maximum(m_h, m_e)
@@ -791,23 +816,24 @@ def compressed_attention_mma(
         mask_arg, mask_strides = m, m.stride()
     else:
         mask_arg, mask_strides = query, (0, 0)
-    z = torch.empty(b * h, ROWS, d, dtype=torch.float32, device=query.device)
-    zm = torch.empty(b * h, ROWS, dtype=torch.float32, device=query.device)
+    rows = rows_for(hq // h)
+    z = torch.empty(b * h, rows, d, dtype=torch.float32, device=query.device)
+    zm = torch.empty(b * h, rows, dtype=torch.float32, device=query.device)
     zl = torch.empty_like(zm)
     # Programmatic dependent launches (Hopper and later): the merge starts while the history kernel
     # runs and the finish kernel's exact tokens while the merge runs; each waits before reading.
     pdl = _pdl(query.device)
     launch = {"launch_pdl": True} if pdl else {}
     _merge_kernel[(b * h, d // MERGE_DC)](
-        po, pm, pl, z, zm, zl, n, D=d, DC=MERGE_DC, SB=max(1, min(MERGE_SPLITS, triton.next_power_of_2(max(n, 1)))),
-        PDL=pdl, num_warps=4, **launch,
+        po, pm, pl, z, zm, zl, n, R=rows, D=d, DC=MERGE_DC,
+        SB=max(1, min(MERGE_SPLITS * 4 // rows, triton.next_power_of_2(max(n, 1)))), PDL=pdl, num_warps=4, **launch,
     )
     _finish_kernel[(h, b)](
         query, query.stride(0), query.stride(1), z, zm, zl, tables.value_basis16, tables.value_mean,
         kv.window_keys, *kv.window_keys.stride()[:3], kv.window_values, *kv.window_values.stride()[:3], n_window,
         sk, *sk.stride()[:3], sv, *sv.stride()[:3], n_sinks, kv.sink_pos, tc,
         mask_arg, *mask_strides, out, out.stride(0), out.stride(1), qk_scale,
-        G=hq // h, D=d, RP=16, BW=max(32, triton.next_power_of_2(n_sinks)), HAS_MASK=mask is not None,
+        G=hq // h, R=rows, D=d, RP=16, BW=max(32, triton.next_power_of_2(n_sinks)), HAS_MASK=mask is not None,
         PDL=pdl, num_warps=4, **launch,
     )
     return out
