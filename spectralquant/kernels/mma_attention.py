@@ -525,6 +525,12 @@ def splits_of(n_compressed: int, rows: int, device: torch.device) -> tuple[int, 
     return math.ceil(n_compressed / length), length
 
 
+def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """The single query row of ``mask [B, 1, T]`` as uint8 ``[B, T]`` (1 = attend), without a copy for bool."""
+    m = mask[:, 0]
+    return m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
+
+
 def history_partials(
     kv: CompressedKV, mask: torch.Tensor | None, qf: torch.Tensor, qp: torch.Tensor, tables: MmaTables
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -542,8 +548,7 @@ def history_partials(
     kw, vw = _words(kv.key.records), _words(kv.value.records)
     ks, vs = kv.key.scales, kv.value.scales
     if mask is not None:
-        m = mask[:, 0, :tc]
-        m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
+        m = _mask_bytes(mask)[:, :tc]
         mask_args = [m, 1, m.stride(0), m.stride(1)]
     else:
         mask_args = [ks, 0, 0, 0]  # any pointer: the kernel reads the mask only with has_mask
@@ -811,9 +816,8 @@ def compressed_attention_mma(
     sk = kv.sink_keys if n_sinks else kv.window_keys
     sv = kv.sink_values if n_sinks else kv.window_values
     if mask is not None:
-        m = mask[:, 0]
-        m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
-        mask_arg, mask_strides = m, m.stride()
+        mask_arg = _mask_bytes(mask)
+        mask_strides = mask_arg.stride()
     else:
         mask_arg, mask_strides = query, (0, 0)
     rows = rows_for(hq // h)
@@ -823,10 +827,10 @@ def compressed_attention_mma(
     # Programmatic dependent launches (Hopper and later): the merge starts while the history kernel
     # runs and the finish kernel's exact tokens while the merge runs; each waits before reading.
     pdl = _pdl(query.device)
-    launch = {"launch_pdl": True} if pdl else {}
+    pdl_launch = {"launch_pdl": True} if pdl else {}
     _merge_kernel[(b * h, d // MERGE_DC)](
         po, pm, pl, z, zm, zl, n, R=rows, D=d, DC=MERGE_DC,
-        SB=max(1, min(MERGE_SPLITS * 4 // rows, triton.next_power_of_2(max(n, 1)))), PDL=pdl, num_warps=4, **launch,
+        SB=max(1, min(MERGE_SPLITS * 4 // rows, triton.next_power_of_2(max(n, 1)))), PDL=pdl, num_warps=4, **pdl_launch,
     )
     _finish_kernel[(h, b)](
         query, query.stride(0), query.stride(1), z, zm, zl, tables.value_basis16, tables.value_mean,
@@ -834,7 +838,7 @@ def compressed_attention_mma(
         sk, *sk.stride()[:3], sv, *sv.stride()[:3], n_sinks, kv.sink_pos, tc,
         mask_arg, *mask_strides, out, out.stride(0), out.stride(1), qk_scale,
         G=hq // h, R=rows, D=d, RP=16, BW=max(32, triton.next_power_of_2(n_sinks)), HAS_MASK=mask is not None,
-        PDL=pdl, num_warps=4, **launch,
+        PDL=pdl, num_warps=4, **pdl_launch,
     )
     return out
 
