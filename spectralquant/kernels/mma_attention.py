@@ -53,7 +53,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..compressed_kv import CompressedKV
 from ..packing import FRAGMENT_BITS
 from ..quantizer import Quantizer, decode_scale
-from .triton_attention import LOG2E, PDL_SUPPORTED, _softmax_step, _words
+from .triton_attention import LOG2E, PDL_SUPPORTED, _softmax_step, _words, merge_partials_step
 
 MAX_ROWS = 8  # query rows per KV head: up to 4 share one integer product (columns 4-7 hold their low
 # bytes); 5-8 take two (high bytes, then low bytes, in all 8 columns)
@@ -695,16 +695,7 @@ def _merge_kernel(PO, PM, PL, Z, ZM, ZL, n_splits, R: tl.constexpr, D: tl.conste
         k = k0 + tl.arange(0, SB)
         ok = (k < n_splits)[:, None]
         rows = (bh * n_splits + k)[:, None] * R + r[None, :]
-        pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
-        pl = tl.load(PL + rows, mask=ok, other=0.0)
-        po = tl.load(PO + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(pm, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(pm - m_use[None, :]) * pl
-        alpha = tl.exp2(m_run - m_use)
-        l_run = l_run * alpha + tl.sum(w, 0)
-        z = z * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
-        m_run = m_new
+        m_run, l_run, z = merge_partials_step(PO, PM, PL, rows, ok, c, D, m_run, l_run, z)
     tl.store(Z + (bh * R + r)[:, None] * D + c[None, :], z / tl.where(l_run > 0, l_run, 1.0)[:, None])
     if tl.program_id(1) == 0:
         tl.store(ZM + bh * R + r, m_run)

@@ -76,6 +76,21 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def merge_partials_step(PO, PM, PL, rows, ok, c, D: tl.constexpr, m_run, l_run, o_run):
+    """One round of merging normalized split partials: loads the maxima and sums ``[SB, R]`` at
+    ``rows`` and the partial outputs ``[SB, R, DC]`` (coordinates ``c`` of rows of ``D``), where ``ok``
+    ``[SB, R]``, and folds them into the running ``m_run, l_run [R]`` and ``o_run [R, DC]``."""
+    pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
+    pl = tl.load(PL + rows, mask=ok, other=0.0)
+    po = tl.load(PO + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
+    m_new = tl.maximum(m_run, tl.max(pm, 0))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    w = tl.exp2(pm - m_use[None, :]) * pl
+    alpha = tl.exp2(m_run - m_use)
+    return m_new, l_run * alpha + tl.sum(w, 0), o_run * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
+
+
+@triton.jit
 def _finish_scores(s, SOFTCAP: tl.constexpr, softcap):
     """Scores in natural units (if soft-capped) to log2 units; otherwise already log2."""
     if SOFTCAP:
@@ -353,16 +368,7 @@ def _combine_kernel(
         k = k0 + tl.arange(0, SB)
         ok = (k < n_parts)[:, None] & row_ok[None, :]
         rows = (first + k)[:, None] * (G * LQ) + r[None, :]
-        pm = tl.load(PM + rows, mask=ok, other=float("-inf"))
-        pl = tl.load(PL + rows, mask=ok, other=0.0)
-        po = tl.load(PO + rows[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(pm, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(pm - m_use[None, :]) * pl
-        alpha = tl.exp2(m_run - m_use)
-        l_run = l_run * alpha + tl.sum(w, 0)
-        o_run = o_run * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
-        m_run = m_new
+        m_run, l_run, o_run = merge_partials_step(PO, PM, PL, rows, ok, c, D, m_run, l_run, o_run)
     out = tl.where(l_run[:, None] > 0, o_run / tl.where(l_run > 0, l_run, 1.0)[:, None], 0.0)
     g = r // LQ
     l = r % LQ
